@@ -124,7 +124,7 @@ def test_impala_loss_with_vtrace_output_end_to_end():
         values=values,
         bootstrap_value=torch.randn(B, dtype=torch.float64),
     )
-    terms = losses.impala_loss(target_log_prob, torch.rand(T, B, dtype=torch.float64), values, returns)
+    terms = losses.impala_loss(target_log_prob, torch.rand(T, B, dtype=torch.float64), values, returns, reduction="mean")
     terms.total.backward()
     # Only the direct paths contribute: vs and pg_advantages are constants.
     torch.testing.assert_close(values.grad, -0.5 * (returns.vs - values).detach() / N)
