@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import copy
 import os
+import time
+from collections.abc import Callable
 
 import torch
 from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
-from lit_impala.networks import ActorCriticMLP
 from lit_impala.weights import WeightMailbox
+
+# An actor acts only with weights the learner published; it waits this long for the first ones.
+FIRST_WEIGHTS_TIMEOUT_S = 120.0
 
 OBSERVATION_KEY = "observation"
 ACTION_KEY = "action"
@@ -51,6 +55,12 @@ class ActingPolicy(TensorDictModuleBase):
             self._owner_pid = os.getpid()
             self._sequence = 0
         got = self.mailbox.read_into(self.network, self._sequence)
+        deadline = time.monotonic() + FIRST_WEIGHTS_TIMEOUT_S
+        while got is None and self._sequence == 0:  # never act with weights the learner did not send
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no weights published to the actors within {FIRST_WEIGHTS_TIMEOUT_S} s")
+            time.sleep(0.001)
+            got = self.mailbox.read_into(self.network, self._sequence)
         if got is not None:
             self._sequence, self._version = got
 
@@ -68,7 +78,7 @@ class ActingPolicy(TensorDictModuleBase):
         return tensordict
 
 
-def make_acting_policy(network_kwargs: dict, mailbox: WeightMailbox) -> ActingPolicy:
+def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
     """Policy factory run inside each actor process: a fresh network that takes its weights from
     ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
-    return ActingPolicy(ActorCriticMLP(**network_kwargs), mailbox)
+    return ActingPolicy(network_factory(), mailbox)

@@ -54,16 +54,15 @@ def describe_env(env_id: str) -> EnvFacts:
     return EnvFacts(env_id, int(obs_space.shape[0]), int(act_space.n))
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int | None = None) -> EnvBase:
+def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, max_episode_steps: int | None = None) -> EnvBase:
     """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
 
     Adds torchrl's ``RewardSum`` and ``StepCounter`` so every step carries the running episode
     return and length; they are reset with each sub-env, so at a ``done`` step they hold the
     finished episode's return and length.
     """
-    vector_env = SyncVectorEnv(
-        [partial(gym.make, env_id) for _ in range(num_envs)], autoreset_mode=AutoresetMode.DISABLED
-    )
+    make_one = partial(gym.make, env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
+    vector_env = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.DISABLED)
     env = TransformedEnv(
         GymWrapper(vector_env, categorical_action_encoding=True),
         RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]),

@@ -1,0 +1,185 @@
+"""The actors: a torchrl multi-process collector streamed to the learner as an ``IterableDataset``.
+
+``ImpalaDataModule`` owns the collector (built in ``setup``, per rank, after Lightning launches) and
+the ``WeightMailbox`` the learner publishes into; ``UnrollStream`` regroups what the actors send into
+learner batches of ``batch_size`` unrolls of ``unroll_length`` steps, ``[B, T]``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from functools import partial
+
+import lightning as L
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from torchrl.collectors import MultiAsyncCollector, MultiSyncCollector
+from torchrl.weight_update import NoWeightSyncScheme
+
+from lit_impala.actor import make_acting_policy
+from lit_impala.envs import actor_seeds, describe_env, make_vector_env
+from lit_impala.trajectory import BATCH_KEYS
+from lit_impala.weights import WeightMailbox
+
+log = logging.getLogger(__name__)
+
+
+def _identity(batch):
+    return batch
+
+
+def _positive_int(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class UnrollStream(IterableDataset):
+    """Endless stream of learner batches ``[batch_size, unroll_length]`` from a torchrl collector.
+
+    Each collector item is one actor's ``[envs_per_actor, unroll_length]`` rollout; unrolls are
+    regrouped (never dropped, never reused) into batches of exactly ``batch_size``.
+    """
+
+    def __init__(self, collector, batch_size: int):
+        self.collector = collector
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        pending: list[TensorDictBase] = []
+        num_pending = 0
+        for rollout in self.collector:
+            pending.append(rollout.select(*BATCH_KEYS))
+            num_pending += rollout.batch_size[0]
+            while num_pending >= self.batch_size:
+                unrolls = pending[0] if len(pending) == 1 else torch.cat(pending, 0)
+                yield unrolls[: self.batch_size]
+                rest = unrolls[self.batch_size :]
+                num_pending = rest.batch_size[0]
+                pending = [rest] if num_pending else []
+
+
+class ImpalaDataModule(L.LightningDataModule):
+    """Actor processes stepping gymnasium envs, streamed as off-policy unrolls.
+
+    Args:
+        env_id: gymnasium id with a vector observation and a Discrete action space.
+        num_actors: actor processes, each stepping ``envs_per_actor`` envs with batched inference.
+        envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``).
+        unroll_length: T, steps per unroll (the paper's n).
+        batch_size: B, unrolls per learner batch.
+        seed: base seed; each actor (and each DDP rank) gets a distinct env seed derived from it.
+        max_episode_steps: override the env's time limit (episodes are *truncated* there); None
+            keeps the registered limit (500 for CartPole-v1).
+        sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
+            them (torchrl ``MultiAsyncCollector``); ``True``: all actors finish a round together
+            (``MultiSyncCollector``), for debugging and for on-policy comparisons.
+    """
+
+    def __init__(
+        self,
+        env_id: str = "CartPole-v1",
+        num_actors: int = 2,
+        envs_per_actor: int = 32,
+        unroll_length: int = 20,
+        batch_size: int = 32,
+        seed: int = 0,
+        max_episode_steps: int | None = None,
+        sync_actors: bool = False,
+    ):
+        super().__init__()
+        for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size"):
+            _positive_int(name, locals()[name])
+        if max_episode_steps is not None:
+            _positive_int("max_episode_steps", max_episode_steps)
+        self.save_hyperparameters()
+        # Checked here, before any actor process exists; the facts flow into the model via the CLI.
+        self.env_facts = describe_env(env_id)
+        self.collector = None
+        self.mailbox: WeightMailbox | None = None
+
+    @property
+    def observation_size(self) -> int:
+        return self.env_facts.observation_size
+
+    @property
+    def num_actions(self) -> int:
+        return self.env_facts.num_actions
+
+    def start_actors(
+        self, network: nn.Module, network_factory: Callable[[], nn.Module], version: int = 0, rank: int = 0
+    ) -> None:
+        """Create the weight mailbox, publish ``network``'s weights and start the actor processes.
+
+        Args:
+            network: the learner's network; its current weights are what the actors start with.
+            network_factory: picklable callable building the same architecture (run in each actor).
+            version: learner update count of ``network``'s weights.
+            rank: DDP rank, so each rank's actors get their own env seeds.
+        """
+        if self.collector is not None:
+            return
+        hp = self.hparams
+        self.mailbox = WeightMailbox(network)
+        # Before the workers exist: torchrl runs the policy once while building each worker.
+        self.mailbox.publish(network, version)
+        collector_cls = MultiSyncCollector if hp.sync_actors else MultiAsyncCollector
+        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, hp.max_episode_steps) for s in actor_seeds(hp.seed, hp.num_actors, rank)]
+        try:
+            self.collector = collector_cls(
+                env_fns,
+                policy_factory=partial(make_acting_policy, network_factory, self.mailbox),
+                frames_per_batch=hp.envs_per_actor * hp.unroll_length,
+                total_frames=-1,
+                # Weights travel through our mailbox only; see lit_impala/weights.py for why.
+                weight_sync_schemes={"policy": NoWeightSyncScheme()},
+                storing_device="cpu",
+                env_device="cpu",
+                policy_device="cpu",
+                num_sub_threads=1,
+                auto_register_policy_transforms=False,
+                **({"cat_results": 0} if hp.sync_actors else {}),
+            )
+        except BaseException:
+            self.stop_actors()
+            raise
+
+    def publish_weights(self, network: nn.Module, version: int) -> None:
+        """Make ``network``'s weights (tagged ``version``) the ones actors act with from their next step."""
+        self.mailbox.publish(network, version)
+
+    def stop_actors(self) -> None:
+        """Shut the actor processes down and free the mailbox; safe to call more than once."""
+        collector, self.collector = self.collector, None
+        if collector is not None:
+            try:
+                collector.shutdown()
+            except Exception as error:  # never let a failed shutdown hide the original error
+                log.warning("collector shutdown raised %r", error)
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit":
+            module = self.trainer.lightning_module
+            self.start_actors(module.network, module.network_factory, module.global_step, self.trainer.global_rank)
+
+    def train_dataloader(self) -> DataLoader:
+        # The collector is already parallel: num_workers=0 (worker copies would never get new
+        # weights), batch_size=None and an identity collate (batches are ready-made TensorDicts).
+        return DataLoader(
+            UnrollStream(self.collector, self.hparams.batch_size),
+            batch_size=None,
+            num_workers=0,
+            collate_fn=_identity,
+        )
+
+    def teardown(self, stage: str) -> None:
+        self.stop_actors()
+
+    def on_exception(self, exception: BaseException) -> None:
+        # Lightning calls this (not teardown) on an error or Ctrl-C: never leave actors behind.
+        self.stop_actors()

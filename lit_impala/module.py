@@ -1,0 +1,248 @@
+"""The learner: a ``LightningModule`` whose ``training_step`` is IMPALA's V-trace actor-critic update.
+
+``training_step``: time-major trajectory -> learner forward -> V-trace targets (no grad) -> loss
+terms -> log. After every optimizer step ``ActorWeightSync`` publishes the new weights to the actors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from functools import partial
+
+import lightning as L
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from lit_impala import vtrace
+from lit_impala.callbacks import ActorWeightSync
+from lit_impala.losses import REDUCTIONS, impala_loss
+from lit_impala.networks import ActorCriticMLP
+from lit_impala.trajectory import bootstrap_targets, to_time_major
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+class ImpalaModule(L.LightningModule):
+    """IMPALA learner (Espeholt et al. 2018). Defaults are the paper's.
+
+    Args:
+        observation_size: length of the observation vector (linked from the data module).
+        num_actions: number of discrete actions (linked from the data module).
+        hidden_dim: width of the MLP's first hidden layer.
+        feature_dim: width of the MLP's feature layer read by the policy and value heads.
+        discount: gamma, the per-step discount in [0, 1].
+        baseline_coef: weight of the value (baseline) loss ``0.5 * (vs - V)^2``.
+        ent_coef: weight of the entropy bonus.
+        clip_rho_threshold: rho-bar, clips the importance weights of the value targets (None: no clip).
+        clip_c_threshold: c-bar, clips the trace coefficients (None: no clip).
+        clip_pg_rho_threshold: clips the importance weights of the policy gradient (None: no clip).
+        lambda_: trace coefficient c_t = lambda_ * min(c-bar, rho_t), in [0, 1].
+        lr: RMSprop learning rate at the start of training.
+        lr_decay: decay the learning rate linearly to 0 over ``trainer.max_steps``.
+        rmsprop_alpha: RMSprop smoothing constant (TensorFlow's ``decay``).
+        rmsprop_eps: RMSprop epsilon; 0.01 as in the paper, assumes ``loss_reduction: sum``.
+        rmsprop_momentum: RMSprop momentum.
+        max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+        loss_reduction: ``sum`` over time and batch (paper) or ``mean``.
+        sync_every: publish weights to the actors every this many learner updates.
+        stop_at_return: stop training once the mean return of the last ``return_window`` episodes
+            reaches this value (None: run to ``trainer.max_steps``).
+        return_window: number of recent episodes the logged mean return is taken over.
+    """
+
+    def __init__(
+        self,
+        observation_size: int,
+        num_actions: int,
+        hidden_dim: int = 64,
+        feature_dim: int = 64,
+        discount: float = 0.99,
+        baseline_coef: float = 0.5,
+        ent_coef: float = 0.01,
+        clip_rho_threshold: float | None = 1.0,
+        clip_c_threshold: float | None = 1.0,
+        clip_pg_rho_threshold: float | None = 1.0,
+        lambda_: float = 1.0,
+        lr: float = 6e-4,
+        lr_decay: bool = True,
+        rmsprop_alpha: float = 0.99,
+        rmsprop_eps: float = 0.01,
+        rmsprop_momentum: float = 0.0,
+        max_grad_norm: float | None = 40.0,
+        loss_reduction: str = "sum",
+        sync_every: int = 1,
+        stop_at_return: float | None = None,
+        return_window: int = 100,
+    ):
+        super().__init__()
+        _check(observation_size >= 1 and num_actions >= 1, f"observation_size and num_actions must be >= 1, got {observation_size}, {num_actions}")
+        _check(hidden_dim >= 1 and feature_dim >= 1, f"hidden_dim and feature_dim must be >= 1, got {hidden_dim}, {feature_dim}")
+        _check(0.0 <= discount <= 1.0, f"discount must be in [0, 1], got {discount}")
+        _check(0.0 <= lambda_ <= 1.0, f"lambda_ must be in [0, 1], got {lambda_}")
+        for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "max_grad_norm"):
+            value = locals()[name]
+            _check(value is None or value > 0, f"{name} must be > 0 or null (no clipping), got {value}")
+        _check(lr > 0, f"lr must be > 0, got {lr}")
+        _check(baseline_coef >= 0 and ent_coef >= 0, f"baseline_coef and ent_coef must be >= 0, got {baseline_coef}, {ent_coef}")
+        _check(loss_reduction in REDUCTIONS, f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
+        _check(sync_every >= 1, f"sync_every must be >= 1, got {sync_every}")
+        _check(return_window >= 1, f"return_window must be >= 1, got {return_window}")
+        self.save_hyperparameters()
+        # A picklable recipe for this architecture: the actors build their own copy from it.
+        self.network_factory = partial(
+            ActorCriticMLP, observation_size=observation_size, num_actions=num_actions, hidden_dim=hidden_dim, feature_dim=feature_dim
+        )
+        self.network = self.network_factory()
+        self.env_frames = 0  # env steps consumed by this learner; saved in checkpoints
+        self.episode_returns: deque[float] = deque(maxlen=return_window)
+        self.episode_lengths: deque[float] = deque(maxlen=return_window)
+        self._grad_norm = torch.zeros(())
+        self._clock: tuple[float, int] | None = None  # (time, env_frames) at the last log
+
+    def configure_callbacks(self):
+        return [ActorWeightSync(self.hparams.sync_every)]
+
+    # --- learning ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        # 1. time-major trajectory [T, B]
+        trajectory = to_time_major(batch.to(self.device, non_blocking=True))
+        T, B = trajectory.reward.shape
+
+        # 2. learner forward
+        output = self.network(trajectory.observation)
+        log_probs = torch.log_softmax(output.policy_logits, dim=-1)  # [T, B, A]
+        target_log_prob = log_probs.gather(-1, trajectory.action.unsqueeze(-1)).squeeze(-1)  # [T, B]
+        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [T, B]
+
+        # 3. V-trace targets (no grad)
+        targets = bootstrap_targets(trajectory, self.network.value, hp.discount)
+        log_rhos = target_log_prob.detach() - trajectory.behaviour_log_prob
+        vtrace_returns = vtrace.from_importance_weights(
+            log_rhos=log_rhos,
+            discounts=targets.discounts,
+            rewards=targets.rewards,
+            values=output.baseline.detach(),
+            bootstrap_value=targets.bootstrap_value,
+            clip_rho_threshold=hp.clip_rho_threshold,
+            clip_c_threshold=hp.clip_c_threshold,
+            clip_pg_rho_threshold=hp.clip_pg_rho_threshold,
+            lambda_=hp.lambda_,
+        )
+
+        # 4. loss terms
+        terms = impala_loss(
+            target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction
+        )
+
+        # 5. log
+        self.env_frames += T * B
+        self._record_episodes(trajectory)
+        if self._should_log():
+            rhos = log_rhos.exp()
+            lag = (self.global_step - trajectory.policy_version).float()
+            self.log_dict(
+                {
+                    "loss/total": terms.total.detach(),
+                    "loss/policy": terms.policy.detach(),
+                    "loss/baseline": terms.baseline.detach(),
+                    "loss/entropy": terms.entropy.detach(),
+                    "entropy": entropy.detach().mean(),
+                    "rho/mean": rhos.mean(),
+                    "policy_lag/mean": lag.mean(),
+                    "policy_lag/max": lag.max(),
+                    "value/mean": output.baseline.detach().mean(),
+                },
+                batch_size=B,
+            )
+        return terms.total
+
+    def _record_episodes(self, trajectory) -> None:
+        done = trajectory.done
+        if done.any():
+            self.episode_returns.extend(trajectory.episode_return[done].tolist())
+            self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+
+    def _should_log(self) -> bool:
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    @property
+    def mean_return(self) -> float:
+        """Mean return of the last ``return_window`` finished episodes (nan before the first)."""
+        return sum(self.episode_returns) / len(self.episode_returns) if self.episode_returns else math.nan
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # The clip is a model hyper-parameter here (the paper's 40); the norm is logged either way.
+        max_norm = self.hparams.max_grad_norm or gradient_clip_val or math.inf
+        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # Runs after the optimizer step: global_step already counts this update.
+        if self._should_log():
+            now = time.perf_counter()
+            metrics = {
+                "env_frames": float(self.env_frames),
+                "grad_norm": float(self._grad_norm),
+                "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            }
+            if self._clock is not None and now > self._clock[0]:
+                metrics["frames_per_second"] = (self.env_frames - self._clock[1]) / (now - self._clock[0])
+            self._clock = (now, self.env_frames)
+            if self.episode_returns:
+                metrics["episode/return"] = self.mean_return
+                metrics["episode/length"] = sum(self.episode_lengths) / len(self.episode_lengths)
+            self.log_dict(metrics, prog_bar=False)
+            self.log("return", self.mean_return if self.episode_returns else 0.0, prog_bar=True)
+            self.log("frames", float(self.env_frames), prog_bar=True)
+        target = self.hparams.stop_at_return
+        if (
+            target is not None
+            and len(self.episode_returns) == self.hparams.return_window
+            and self.mean_return >= target
+        ):
+            self.print(
+                f"Reached a mean return of {self.mean_return:.1f} over the last {self.hparams.return_window} episodes "
+                f"(target {target}) after {self.env_frames} env frames and {self.global_step} updates: stopping."
+            )
+            self.trainer.should_stop = True
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.RMSprop(
+            self.network.parameters(), lr=hp.lr, alpha=hp.rmsprop_alpha, eps=hp.rmsprop_eps, momentum=hp.rmsprop_momentum
+        )
+        if not hp.lr_decay:
+            return optimizer
+        # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
+        # measure an endless dataloader.
+        total_steps = self.trainer.max_steps
+        if total_steps is None or total_steps < 1:
+            raise ValueError(f"lr_decay needs trainer.max_steps >= 1 to decay over, got {total_steps}")
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_linear_decay, total_steps=total_steps))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # --- checkpoint state beyond the weights and optimizer -----------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["impala"] = {
+            "env_frames": self.env_frames,
+            "episode_returns": list(self.episode_returns),
+            "episode_lengths": list(self.episode_lengths),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("impala", {})
+        self.env_frames = int(state.get("env_frames", 0))
+        self.episode_returns.extend(state.get("episode_returns", []))
+        self.episode_lengths.extend(state.get("episode_lengths", []))
+
+
+def _linear_decay(step: int, total_steps: int) -> float:
+    return max(0.0, 1.0 - step / total_steps)

@@ -1,0 +1,110 @@
+"""The one place where collector TensorDicts ``[B, T]`` become time-major learner inputs ``[T, B]``.
+
+Episode-boundary rules, all decided here:
+
+* step ``t`` *terminated*: no bootstrap (``discount_t = 0``); the trace stops at ``t``.
+* step ``t`` *truncated* (time limit): the episode could have gone on, so the target bootstraps from
+  the value of its real final observation, ``V(next_observation_t)``. V-trace has one discount per
+  step for both the bootstrap and the trace, so we fold the bootstrap into the reward,
+  ``r'_t = r_t + gamma * V(next_observation_t)``, and set ``discount_t = 0``: the target of step t
+  is exact and no trace crosses into the next episode.
+* last step ``T-1`` not done: bootstrap from ``V(next_observation_{T-1})``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from lit_impala.actor import ACTION_KEY, BEHAVIOUR_LOG_PROB_KEY, OBSERVATION_KEY, POLICY_VERSION_KEY
+from lit_impala.envs import EPISODE_LENGTH_KEY, EPISODE_RETURN_KEY
+
+# Everything the learner reads from a collector batch; the dataset keeps only these keys.
+BATCH_KEYS = [
+    OBSERVATION_KEY,
+    ACTION_KEY,
+    BEHAVIOUR_LOG_PROB_KEY,
+    POLICY_VERSION_KEY,
+    ("next", OBSERVATION_KEY),
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+    ("next", EPISODE_RETURN_KEY),
+    ("next", EPISODE_LENGTH_KEY),
+]
+
+
+class Trajectory(NamedTuple):
+    """A batch of unrolls, time-major. ``T`` steps, ``B`` unrolls."""
+
+    observation: Tensor  # [T, B, *obs] x_t, what the actor saw before acting
+    action: Tensor  # [T, B] a_t
+    reward: Tensor  # [T, B] r_t, received for a_t
+    terminated: Tensor  # [T, B] bool, the episode ended at t (no bootstrap)
+    truncated: Tensor  # [T, B] bool, the episode was cut at t (bootstrap from next_observation)
+    next_observation: Tensor  # [T, B, *obs] the real observation after a_t (final one at episode ends)
+    behaviour_log_prob: Tensor  # [T, B] log mu(a_t | x_t) of the policy that acted
+    policy_version: Tensor  # [T, B] int64, learner updates behind the weights that acted
+    episode_return: Tensor  # [T, B] running return; the finished episode's return where done
+    episode_length: Tensor  # [T, B] running length; the finished episode's length where done
+
+    @property
+    def done(self) -> Tensor:
+        """``[T, B]`` bool: an episode ended at step t, by termination or truncation."""
+        return self.terminated | self.truncated
+
+
+def to_time_major(batch: TensorDictBase) -> Trajectory:
+    """``[B, T]`` collector TensorDict -> time-major ``Trajectory`` (views, no copies where possible)."""
+
+    def get(key, per_step_scalar: bool = False) -> Tensor:
+        value = batch.get(key)
+        if per_step_scalar and value.dim() == 3:
+            value = value.squeeze(2)  # torchrl keeps a trailing [1] on rewards, done flags and counters
+        return value.transpose(0, 1)
+
+    return Trajectory(
+        observation=get(OBSERVATION_KEY),
+        action=get(ACTION_KEY),
+        reward=get(("next", "reward"), per_step_scalar=True),
+        terminated=get(("next", "terminated"), per_step_scalar=True),
+        truncated=get(("next", "truncated"), per_step_scalar=True),
+        next_observation=get(("next", OBSERVATION_KEY)),
+        behaviour_log_prob=get(BEHAVIOUR_LOG_PROB_KEY),
+        policy_version=get(POLICY_VERSION_KEY),
+        episode_return=get(("next", EPISODE_RETURN_KEY), per_step_scalar=True),
+        episode_length=get(("next", EPISODE_LENGTH_KEY), per_step_scalar=True),
+    )
+
+
+class BootstrapTargets(NamedTuple):
+    """V-trace's per-step inputs after applying the episode-boundary rules (all gradient-free)."""
+
+    discounts: Tensor  # [T, B] gamma, or 0 where the episode ended at t
+    rewards: Tensor  # [T, B] r_t, plus gamma * V(final observation) where truncated at t
+    bootstrap_value: Tensor  # [B] V(next_observation_{T-1})
+
+
+@torch.no_grad()
+def bootstrap_targets(trajectory: Trajectory, value_fn: Callable[[Tensor], Tensor], discount: float) -> BootstrapTargets:
+    """Discounts, rewards and bootstrap value for V-trace from a trajectory.
+
+    Args:
+        trajectory: time-major batch, ``[T, B]``.
+        value_fn: ``[N, *obs] -> [N]`` state values of the learner's current network.
+        discount: gamma in [0, 1].
+    """
+    truncated = trajectory.truncated & ~trajectory.terminated
+    final_observations = trajectory.next_observation[truncated]  # [n_truncated, *obs]
+    # One forward for the bootstrap state and every truncated step's final observation.
+    extra_values = value_fn(torch.cat([trajectory.next_observation[-1], final_observations]))
+    batch_size = trajectory.reward.shape[1]
+    bootstrap_value = extra_values[:batch_size]
+    rewards = trajectory.reward.to(extra_values.dtype).clone()
+    rewards[truncated] += discount * extra_values[batch_size:]
+    discounts = discount * (~trajectory.done).to(rewards.dtype)
+    return BootstrapTargets(discounts, rewards, bootstrap_value)

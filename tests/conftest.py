@@ -1,0 +1,18 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    # The actors and the learner share two cores in CI; keep the test process on one thread.
+    torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a minute on 2 CPU cores (still runs in CI)")
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped with a reason where it is absent")

@@ -1,0 +1,95 @@
+"""The command line, through the real entry point with tiny sizes."""
+
+import os
+
+import pytest
+import yaml
+
+from lit_impala.cli import cli_main
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cartpole.yaml")
+
+
+def tiny(tmp_path, *extra):
+    return [
+        "--config", CONFIG,
+        "--trainer.max_steps=6",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.num_actors=1",
+        "--data.envs_per_actor=4",
+        "--data.unroll_length=5",
+        "--data.batch_size=4",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
+    cli = cli_main(["fit", *tiny(tmp_path)])
+    module = cli.trainer.lightning_module
+    assert cli.trainer.global_step == 6
+    assert module.env_frames == 6 * 5 * 4
+    assert module.network.policy_head.out_features == 2  # linked from the env, not written in the YAML
+    assert cli.datamodule.collector is None  # actors shut down at the end
+    out = capsys.readouterr().out
+    assert "Training stopped after 6 updates and 120 env frames" in out
+    assert "Checkpoints:" in out
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs, "the W&B logger must write an offline run"
+    assert list(tmp_path.rglob("last.ckpt")), "a final checkpoint must be saved"
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["lr"] == yaml.safe_load(open(CONFIG))["model"]["lr"]
+    assert config["data"]["env_id"] == "CartPole-v1"
+    assert "observation_size" not in config["model"]  # linked at instantiation
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    cli = cli_main(["fit", "--config", str(saved), *tiny(tmp_path)[2:], "--trainer.logger=false"])
+    assert cli.trainer.global_step == 6
+
+
+def test_help_documents_the_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for documented in ("clip_pg_rho_threshold", "rho-bar", "envs_per_actor", "unroll_length", "stop_at_return"):
+        assert documented in text
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--model.learning_rate=0.1", "learning_rate"),
+        ("--data.env_id=CartPole-v9", "CartPole-v9"),
+        ("--model.clip_rho_threshold=0", "clip_rho_threshold must be > 0"),
+        ("--model.discount=1.5", "discount must be in [0, 1], got 1.5"),
+        ("--data.unroll_length=0", "unroll_length must be a positive integer, got 0"),
+        ("--model.lr=-1", "lr must be > 0, got -1"),
+    ],
+)
+def test_bad_input_is_named_before_actors_start(tmp_path, capsys, override, message):
+    import psutil
+
+    with pytest.raises((SystemExit, ValueError)) as error:
+        cli_main(["fit", *tiny(tmp_path), "--trainer.logger=false", override])
+    captured = capsys.readouterr()
+    assert message in str(error.value) + captured.err + captured.out
+    # the error came before any actor process was spawned (W&B's service may be a child; actors are not)
+    actors = [p for p in psutil.Process(os.getpid()).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    assert not actors

@@ -1,0 +1,101 @@
+"""Alignment: a hand-built unroll with a termination and a truncation in the middle.
+
+The value function is V(x) = x[0], so every expected number below can be checked by hand.
+gamma = 0.9, one env (B=1), five steps:
+
+    t  obs  reward  next_obs  end          V(obs)
+    0   1     1        2       -             1
+    1   2     1        3      terminated     2   (V(3) must NOT be used)
+    2  10     1       11       -            10
+    3  11     1       12      truncated     11   (bootstrap from V(12) = 12)
+    4  20     1       21       -            20   (bootstrap from V(21) = 21)
+"""
+
+import torch
+from tensordict import TensorDict
+
+from lit_impala import vtrace
+from lit_impala.trajectory import bootstrap_targets, to_time_major
+
+GAMMA = 0.9
+
+
+def hand_built_batch() -> TensorDict:
+    obs = torch.tensor([1.0, 2.0, 10.0, 11.0, 20.0])
+    next_obs = torch.tensor([2.0, 3.0, 11.0, 12.0, 21.0])
+    terminated = torch.tensor([False, True, False, False, False])
+    truncated = torch.tensor([False, False, False, True, False])
+    T = 5
+
+    def batch_major(x):  # [T, ...] -> [B=1, T, ...] as torchrl's collector lays it out
+        return x.unsqueeze(0)
+
+    return TensorDict(
+        {
+            "observation": batch_major(obs.unsqueeze(-1)),
+            "action": batch_major(torch.zeros(T, dtype=torch.int64)),
+            "behaviour_log_prob": batch_major(torch.zeros(T)),
+            "policy_version": batch_major(torch.zeros(T, dtype=torch.int64)),
+            "next": {
+                "observation": batch_major(next_obs.unsqueeze(-1)),
+                "reward": batch_major(torch.ones(T, 1)),
+                "terminated": batch_major(terminated.unsqueeze(-1)),
+                "truncated": batch_major(truncated.unsqueeze(-1)),
+                "episode_reward": batch_major(torch.tensor([1.0, 2.0, 1.0, 2.0, 1.0]).unsqueeze(-1)),
+                "step_count": batch_major(torch.tensor([1, 2, 1, 2, 1]).unsqueeze(-1)),
+            },
+        },
+        batch_size=[1, T],
+    )
+
+
+def value_fn(observation):
+    return observation[..., 0].to(torch.float64)
+
+
+def test_time_major_layout():
+    trajectory = to_time_major(hand_built_batch())
+    assert trajectory.observation.shape == (5, 1, 1)
+    assert trajectory.reward.shape == trajectory.terminated.shape == (5, 1)
+    assert trajectory.done[:, 0].tolist() == [False, True, False, True, False]
+    assert trajectory.episode_return[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0, 1.0]
+
+
+def test_boundaries_give_the_hand_computed_targets():
+    trajectory = to_time_major(hand_built_batch())
+    targets = bootstrap_targets(trajectory, value_fn, GAMMA)
+
+    assert targets.discounts[:, 0].tolist() == [GAMMA, 0.0, GAMMA, 0.0, GAMMA]
+    # truncation folds gamma * V(final obs) into the reward; termination adds nothing
+    torch.testing.assert_close(targets.rewards[:, 0], torch.tensor([1.0, 1.0, 1.0, 1.0 + GAMMA * 12.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(targets.bootstrap_value, torch.tensor([21.0], dtype=torch.float64))
+
+    values = value_fn(trajectory.observation)
+    returns = vtrace.from_importance_weights(
+        log_rhos=torch.zeros(5, 1, dtype=torch.float64),
+        discounts=targets.discounts,
+        rewards=targets.rewards,
+        values=values,
+        bootstrap_value=targets.bootstrap_value,
+    )
+    # on-policy V-trace = n-step returns that stop at each episode boundary
+    expected_vs = [1 + GAMMA * 1, 1.0, 1 + GAMMA * (1 + GAMMA * 12), 1 + GAMMA * 12, 1 + GAMMA * 21]
+    torch.testing.assert_close(returns.vs[:, 0], torch.tensor(expected_vs, dtype=torch.float64))
+    expected_adv = [1 + GAMMA * 1.0 - 1, 1.0 - 2, 1 + GAMMA * (1 + GAMMA * 12) - 10, 1 + GAMMA * 12 - 11, 1 + GAMMA * 21 - 20]
+    torch.testing.assert_close(returns.pg_advantages[:, 0], torch.tensor(expected_adv, dtype=torch.float64))
+
+
+def test_truncation_at_the_last_step_bootstraps_once():
+    batch = hand_built_batch()
+    batch["next", "truncated"][0, 4] = True
+    targets = bootstrap_targets(to_time_major(batch), value_fn, GAMMA)
+    assert targets.discounts[4, 0] == 0.0
+    assert targets.rewards[4, 0] == 1.0 + GAMMA * 21.0
+
+
+def test_terminated_and_truncated_together_counts_as_terminated():
+    batch = hand_built_batch()
+    batch["next", "truncated"][0, 1] = True  # gymnasium may report both when the limit hits a terminal state
+    targets = bootstrap_targets(to_time_major(batch), value_fn, GAMMA)
+    assert targets.rewards[1, 0] == 1.0
+    assert targets.discounts[1, 0] == 0.0
