@@ -1,4 +1,3 @@
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,3 @@ def _torch_threads():
     torch.set_num_threads(1)
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: takes more than a minute on 2 CPU cores (still runs in CI)")
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped with a reason where it is absent")
