@@ -70,7 +70,8 @@ class ImpalaDataModule(L.LightningDataModule):
         envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``).
         unroll_length: T, steps per unroll (the paper's n).
         batch_size: B, unrolls per learner batch.
-        seed: base seed; each actor (and each DDP rank) gets a distinct env seed derived from it.
+        seed: base env seed; each actor (and each DDP rank) gets a distinct seed derived from it.
+            None (default): the run's seed (``seed_everything``, read via ``torch.initial_seed()``).
         max_episode_steps: override the env's time limit (episodes are *truncated* there); None
             keeps the registered limit (500 for CartPole-v1).
         sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
@@ -85,7 +86,7 @@ class ImpalaDataModule(L.LightningDataModule):
         envs_per_actor: int = 32,
         unroll_length: int = 20,
         batch_size: int = 32,
-        seed: int = 0,
+        seed: int | None = None,
         max_episode_steps: int | None = None,
         sync_actors: bool = False,
     ):
@@ -99,6 +100,11 @@ class ImpalaDataModule(L.LightningDataModule):
         self.env_facts = describe_env(env_id)
         self.collector = None
         self.mailbox: WeightMailbox | None = None
+
+    @property
+    def env_seed(self) -> int:
+        """The base env seed in use (``seed``, or the run's seed when ``seed`` is None)."""
+        return self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
 
     @property
     def observation_size(self) -> int:
@@ -126,7 +132,7 @@ class ImpalaDataModule(L.LightningDataModule):
         # Before the workers exist: torchrl runs the policy once while building each worker.
         self.mailbox.publish(network, version)
         collector_cls = MultiSyncCollector if hp.sync_actors else MultiAsyncCollector
-        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, hp.max_episode_steps) for s in actor_seeds(hp.seed, hp.num_actors, rank)]
+        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, hp.max_episode_steps) for s in actor_seeds(self.env_seed, hp.num_actors, rank)]
         try:
             self.collector = collector_cls(
                 env_fns,
