@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from lit_impala.cli import cli_main
+from lit_impala.wandb_history import read_history
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
@@ -44,8 +45,15 @@ def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Training stopped after 6 updates and 120 env frames" in out
     assert "Checkpoints:" in out
+    cli.trainer.logger.experiment.finish()  # flush: in a `fit` process, exiting does this
     offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert offline_runs, "the W&B logger must write an offline run"
+    history = read_history(offline_runs[0])
+    logged = set().union(*history)
+    for key in ("env_frames", "frames_per_second", "episode/return", "loss/total", "loss/policy", "loss/baseline",
+                "loss/entropy", "entropy", "lr", "policy_lag/mean", "rho/mean", "grad_norm"):
+        assert key in logged, f"{key} missing from the W&B history: {sorted(logged)}"
+    assert max(row.get("env_frames", 0) for row in history) == 6 * 5 * 4
     assert list(tmp_path.rglob("last.ckpt")), "a final checkpoint must be saved"
 
 
