@@ -2,8 +2,9 @@
 
 ``ActingPolicy`` holds a private CPU copy of the learner's network, refreshed from a
 ``WeightMailbox`` between steps, samples actions and records what the learner needs to correct for
-the lag: the log-probability of each action under the policy that took it (``behaviour_log_prob``)
-and the version of the weights that policy had (``policy_version``).
+the lag: the log-probability of each sample under the policy that drew it (``behaviour_log_prob``),
+the version of the weights that policy had (``policy_version``) and, for recurrent policies, the
+core state each step started from.
 """
 
 from __future__ import annotations
@@ -20,25 +21,33 @@ from torch import nn
 
 from lit_impala.weights import WeightMailbox
 
+OBSERVATION_KEY = "observation"
+IS_INIT_KEY = "is_init"  # torchrl InitTracker: the observation starts an episode
+ACTION_KEY = "action"  # what the env receives (continuous samples are clipped or squashed into bounds)
+POLICY_SAMPLE_KEY = "policy_sample"  # what the distribution drew: the log-probs on both sides are of this
+BEHAVIOUR_LOG_PROB_KEY = "behaviour_log_prob"
+POLICY_VERSION_KEY = "policy_version"
+CORE_STATE_KEYS = ("core_state_h", "core_state_c")  # LSTM state entering the step
+
 # An actor acts only with weights the learner published; it waits this long for the first ones.
 FIRST_WEIGHTS_TIMEOUT_S = 120.0
 
-OBSERVATION_KEY = "observation"
-ACTION_KEY = "action"
-BEHAVIOUR_LOG_PROB_KEY = "behaviour_log_prob"
-POLICY_VERSION_KEY = "policy_version"
-
 
 class ActingPolicy(TensorDictModuleBase):
-    """Behaviour policy: ``observation [B, obs]`` -> ``action [B]``, ``behaviour_log_prob [B]``,
-    ``policy_version [B]`` (int64: the learner update count of the weights that acted).
+    """Behaviour policy over a batch of N envs, one step at a time.
+
+    Reads ``observation [N, *obs]`` and ``is_init [N, 1]``; writes ``action``, ``policy_sample``,
+    ``behaviour_log_prob [N]``, ``policy_version [N]`` (int64: learner updates behind the weights
+    that acted) and, with an LSTM core, ``core_state_h`` / ``core_state_c`` ``[N, H]``: the state
+    carried into this step (before the reset that ``is_init`` implies, exactly what the learner is
+    given for the first step of an unroll).
 
     Before each step it takes the newest complete snapshot from ``mailbox`` (if any): updates land
     between steps only, so one step never mixes two versions of the weights.
     """
 
-    in_keys = [OBSERVATION_KEY]
-    out_keys = [ACTION_KEY, BEHAVIOUR_LOG_PROB_KEY, POLICY_VERSION_KEY]
+    in_keys = [OBSERVATION_KEY, IS_INIT_KEY]
+    out_keys = [ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, POLICY_VERSION_KEY, *CORE_STATE_KEYS]
 
     def __init__(self, network: nn.Module, mailbox: WeightMailbox):
         super().__init__()
@@ -47,6 +56,7 @@ class ActingPolicy(TensorDictModuleBase):
         self._sequence = 0
         self._version = 0
         self._owner_pid = None
+        self._core_state: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _refresh_weights(self) -> None:
         if self._owner_pid != os.getpid():
@@ -67,14 +77,30 @@ class ActingPolicy(TensorDictModuleBase):
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._refresh_weights()
-        logits = self.network(tensordict.get(OBSERVATION_KEY)).policy_logits
-        log_probs = torch.log_softmax(logits, dim=-1)
-        # Gumbel-max sampling: same distribution as Categorical(logits).sample(), one fused op.
-        gumbel = -torch.log(-torch.log(torch.rand_like(log_probs)))
-        action = torch.argmax(log_probs + gumbel, dim=-1)
-        tensordict.set(ACTION_KEY, action)
-        tensordict.set(BEHAVIOUR_LOG_PROB_KEY, log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1))
-        tensordict.set(POLICY_VERSION_KEY, torch.full(action.shape, self._version, dtype=torch.int64))
+        observation = tensordict.get(OBSERVATION_KEY)
+        num_envs = observation.shape[0]
+        is_init = tensordict.get(IS_INIT_KEY, None)
+        is_init = torch.ones(num_envs, dtype=torch.bool) if is_init is None else is_init.reshape(num_envs)
+
+        core_state = None
+        if self.network.use_lstm:
+            core_state = self._core_state
+            if core_state is None or core_state[0].shape[0] != num_envs:
+                core_state = self.network.initial_state(num_envs)
+            tensordict.set(CORE_STATE_KEYS[0], core_state[0])
+            tensordict.set(CORE_STATE_KEYS[1], core_state[1])
+
+        output = self.network(observation.unsqueeze(0), core_state, is_init.unsqueeze(0))  # T = 1
+        params = output.policy_params[0]
+        distribution = self.network.distribution
+        sample = distribution.sample(params)
+        if output.core_states is not None:
+            self._core_state = (output.core_states[0][0], output.core_states[1][0])
+
+        tensordict.set(ACTION_KEY, distribution.to_env_action(sample))
+        tensordict.set(POLICY_SAMPLE_KEY, sample)
+        tensordict.set(BEHAVIOUR_LOG_PROB_KEY, distribution.log_prob(params, sample))
+        tensordict.set(POLICY_VERSION_KEY, torch.full((num_envs,), self._version, dtype=torch.int64))
         return tensordict
 
 

@@ -1,7 +1,7 @@
 """Command line: ``python -m lit_impala fit --config configs/cartpole.yaml`` (a LightningCLI).
 
 The YAML's ``model`` and ``data`` sections are the typed ``__init__`` arguments of ``ImpalaModule``
-and ``ImpalaDataModule``; env facts (observation size, number of actions) are linked from the data
+and ``ImpalaDataModule``; env facts (observation shape, action space) are linked from the data
 module into the model, never written by hand.
 """
 
@@ -15,8 +15,8 @@ from lit_impala.module import ImpalaModule
 
 class ImpalaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.observation_size", "model.observation_size", apply_on="instantiate")
-        parser.link_arguments("data.num_actions", "model.num_actions", apply_on="instantiate")
+        parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
+        parser.link_arguments("data.action_space", "model.action_space", apply_on="instantiate")
 
     def after_fit(self) -> None:
         trainer = self.trainer

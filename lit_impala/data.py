@@ -20,7 +20,7 @@ from torchrl.collectors import MultiAsyncCollector, MultiSyncCollector
 from torchrl.weight_update import NoWeightSyncScheme
 
 from lit_impala.actor import make_acting_policy
-from lit_impala.envs import actor_seeds, describe_env, make_vector_env
+from lit_impala.envs import action_space_spec, actor_seeds, describe_env, make_vector_env
 from lit_impala.trajectory import BATCH_KEYS
 from lit_impala.weights import WeightMailbox
 
@@ -51,7 +51,7 @@ class UnrollStream(IterableDataset):
         pending: list[TensorDictBase] = []
         num_pending = 0
         for rollout in self.collector:
-            pending.append(rollout.select(*BATCH_KEYS))
+            pending.append(rollout.select(*BATCH_KEYS, strict=False))  # core states: recurrent only
             num_pending += rollout.batch_size[0]
             while num_pending >= self.batch_size:
                 unrolls = pending[0] if len(pending) == 1 else torch.cat(pending, 0)
@@ -65,7 +65,9 @@ class ImpalaDataModule(L.LightningDataModule):
     """Actor processes stepping gymnasium envs, streamed as off-policy unrolls.
 
     Args:
-        env_id: gymnasium id with a vector observation and a Discrete action space.
+        env_id: gymnasium id; observations: a vector or an image; actions: Discrete,
+            MultiDiscrete or a 1-D Box. ``"module:EnvId"`` imports ``module`` first (e.g.
+            ``minigrid:MiniGrid-Empty-5x5-v0``).
         num_actors: actor processes, each stepping ``envs_per_actor`` envs with batched inference.
         envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``).
         unroll_length: T, steps per unroll (the paper's n).
@@ -74,6 +76,9 @@ class ImpalaDataModule(L.LightningDataModule):
             None (default): the run's seed (``seed_everything``, read via ``torch.initial_seed()``).
         max_episode_steps: override the env's time limit (episodes are *truncated* there); None
             keeps the registered limit (500 for CartPole-v1).
+        observation_key: for dict observations, the entry the agent sees (MiniGrid: ``image``).
+        hide_observation_indices: components of a vector observation hidden from the agent, e.g.
+            ``[1, 3]`` hides CartPole's two velocities (a memory task).
         sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
             them (torchrl ``MultiAsyncCollector``); ``True``: all actors finish a round together
             (``MultiSyncCollector``), for debugging and for on-policy comparisons.
@@ -88,6 +93,8 @@ class ImpalaDataModule(L.LightningDataModule):
         batch_size: int = 32,
         seed: int | None = None,
         max_episode_steps: int | None = None,
+        observation_key: str | None = None,
+        hide_observation_indices: list[int] | None = None,
         sync_actors: bool = False,
     ):
         super().__init__()
@@ -97,7 +104,12 @@ class ImpalaDataModule(L.LightningDataModule):
             _positive_int("max_episode_steps", max_episode_steps)
         self.save_hyperparameters()
         # Checked here, before any actor process exists; the facts flow into the model via the CLI.
-        self.env_facts = describe_env(env_id)
+        self.env_options = {
+            "max_episode_steps": max_episode_steps,
+            "observation_key": observation_key,
+            "hide_observation_indices": hide_observation_indices,
+        }
+        self.env_facts = describe_env(env_id, **self.env_options)
         self.collector = None
         self.mailbox: WeightMailbox | None = None
 
@@ -107,12 +119,14 @@ class ImpalaDataModule(L.LightningDataModule):
         return self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
 
     @property
-    def observation_size(self) -> int:
-        return self.env_facts.observation_size
+    def observation_shape(self) -> list[int]:
+        """Shape of one observation (channels-first for images); linked into the model."""
+        return list(self.env_facts.observation_shape)
 
     @property
-    def num_actions(self) -> int:
-        return self.env_facts.num_actions
+    def action_space(self) -> dict:
+        """The env's action space as plain data (see ``envs.action_space_spec``); linked into the model."""
+        return action_space_spec(self.env_facts.action_space)
 
     def start_actors(
         self, network: nn.Module, network_factory: Callable[[], nn.Module], version: int = 0, rank: int = 0
@@ -132,7 +146,7 @@ class ImpalaDataModule(L.LightningDataModule):
         # Before the workers exist: torchrl runs the policy once while building each worker.
         self.mailbox.publish(network, version)
         collector_cls = MultiSyncCollector if hp.sync_actors else MultiAsyncCollector
-        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, hp.max_episode_steps) for s in actor_seeds(self.env_seed, hp.num_actors, rank)]
+        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, **self.env_options) for s in actor_seeds(self.env_seed, hp.num_actors, rank)]
         try:
             self.collector = collector_cls(
                 env_fns,

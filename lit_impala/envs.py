@@ -10,63 +10,167 @@ between episodes (the trap of gymnasium 1.x next-step autoreset).
 from __future__ import annotations
 
 import difflib
+import importlib
 from functools import partial
 from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
-from torchrl.envs import EnvBase, GymWrapper, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
 
 EPISODE_RETURN_KEY = "episode_reward"  # written by torchrl's RewardSum: running return of the episode
 EPISODE_LENGTH_KEY = "step_count"  # written by torchrl's StepCounter: steps taken in the episode
+IS_INIT_KEY = "is_init"  # written by torchrl's InitTracker: this step's observation starts an episode
 
 
 class EnvFacts(NamedTuple):
     """What the learner's network must know about an env, read once from its spaces."""
 
     env_id: str
-    observation_size: int
-    num_actions: int
+    observation_shape: tuple[int, ...]  # channels-first for images
+    observation_dtype: str  # "float32" or "uint8" (pixels travel as uint8)
+    action_space: gym.Space
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.observation_shape) == 3
 
 
-def describe_env(env_id: str) -> EnvFacts:
+class ChannelsFirst(gym.ObservationWrapper):
+    """``[H, W, C]`` images -> ``[C, H, W]``, keeping the dtype (uint8 pixels stay uint8)."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.observation_space
+        self.observation_space = gym.spaces.Box(
+            low=np.moveaxis(space.low, -1, 0), high=np.moveaxis(space.high, -1, 0), dtype=space.dtype
+        )
+
+    def observation(self, observation):
+        return np.ascontiguousarray(np.moveaxis(observation, -1, 0))
+
+
+class HideObservationComponents(gym.ObservationWrapper):
+    """Drop components of a vector observation (e.g. CartPole's velocities: a memory task)."""
+
+    def __init__(self, env: gym.Env, hidden: list[int]):
+        super().__init__(env)
+        space = env.observation_space
+        self.keep = np.array([i for i in range(space.shape[0]) if i not in set(hidden)])
+        self.observation_space = gym.spaces.Box(low=space.low[self.keep], high=space.high[self.keep], dtype=space.dtype)
+
+    def observation(self, observation):
+        return observation[self.keep]
+
+
+class SelectObservationKey(gym.ObservationWrapper):
+    """Keep one entry of a dict observation (e.g. MiniGrid's ``image``)."""
+
+    def __init__(self, env: gym.Env, key: str):
+        super().__init__(env)
+        self.key = key
+        self.observation_space = env.observation_space[key]
+
+    def observation(self, observation):
+        return observation[self.key]
+
+
+def _import_env_module(env_id: str) -> None:
+    # "module:EnvId" is gymnasium's way to register third-party envs; import before reading the registry.
+    if ":" in env_id:
+        module = env_id.split(":", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"Env id {env_id!r} needs the module {module!r}, which cannot be imported: {error}") from error
+
+
+def make_gym_env(
+    env_id: str,
+    max_episode_steps: int | None = None,
+    observation_key: str | None = None,
+    hide_observation_indices: list[int] | None = None,
+) -> gym.Env:
+    """One gymnasium env with the observation wrappers the options ask for.
+
+    Args:
+        env_id: gymnasium id; ``"module:EnvId"`` imports ``module`` first (e.g. ``minigrid:MiniGrid-Empty-5x5-v0``).
+        max_episode_steps: override the registered time limit (episodes are *truncated* there).
+        observation_key: for dict observations, the entry the agent sees.
+        hide_observation_indices: components of a vector observation hidden from the agent.
+    """
+    _import_env_module(env_id)
+    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+    env = gym.make(env_id, **kwargs)
+    if observation_key is not None:
+        if not isinstance(env.observation_space, gym.spaces.Dict) or observation_key not in env.observation_space.spaces:
+            env.close()
+            raise ValueError(f"observation_key {observation_key!r} is not an entry of {env_id!r}'s observation space {env.observation_space}")
+        env = SelectObservationKey(env, observation_key)
+    space = env.observation_space
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
+        env = ChannelsFirst(env)
+    if hide_observation_indices:
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+            env.close()
+            raise ValueError(f"hide_observation_indices needs a vector observation; {env_id!r} has {space}")
+        bad = [i for i in hide_observation_indices if not 0 <= i < space.shape[0]]
+        if bad:
+            env.close()
+            raise ValueError(f"hide_observation_indices {bad} are outside {env_id!r}'s observation of size {space.shape[0]}")
+        env = HideObservationComponents(env, hide_observation_indices)
+    return env
+
+
+def describe_env(env_id: str, **options) -> EnvFacts:
     """Build one env in this process, check it is supported and return its facts.
 
     Raises ``ValueError`` naming the id for an unknown env, and naming the space for an observation
-    or action space the MLP agent cannot handle. Called before any actor process starts.
+    or action space no agent here handles. Called before any actor process starts.
     """
-    if env_id not in gym.registry:
-        close = difflib.get_close_matches(env_id, list(gym.registry), n=3)
+    _import_env_module(env_id)
+    registered = env_id.split(":", 1)[-1]
+    if registered not in gym.registry:
+        close = difflib.get_close_matches(registered, list(gym.registry), n=3)
         hint = f" Did you mean one of {close}?" if close else ""
         raise ValueError(f"Unknown gymnasium env id {env_id!r}.{hint}")
-    env = gym.make(env_id)
+    try:
+        env = make_gym_env(env_id, **options)
+    except ValueError:
+        raise
+    except Exception as error:  # e.g. a missing optional dependency of the env
+        raise ValueError(f"Env {env_id!r} could not be created: {type(error).__name__}: {error}") from error
     try:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1):
+    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3)):
         raise ValueError(
-            f"Env {env_id!r} has observation space {obs_space}; the MLP agent needs a 1-D Box (a vector)."
+            f"Env {env_id!r} has observation space {obs_space}; supported: a 1-D Box (vector) or an image Box [H, W, C]"
+            " (for a dict observation, pick an entry with observation_key)."
         )
-    if not isinstance(act_space, gym.spaces.Discrete):
-        raise ValueError(f"Env {env_id!r} has action space {act_space}; the agent needs a Discrete action space.")
-    return EnvFacts(env_id, int(obs_space.shape[0]), int(act_space.n))
+    if isinstance(act_space, gym.spaces.Box):
+        if len(act_space.shape) != 1 or not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
+            raise ValueError(f"Env {env_id!r} has action space {act_space}; a continuous action space must be a 1-D Box with finite bounds.")
+    elif not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        raise ValueError(f"Env {env_id!r} has action space {act_space}; supported: Discrete, MultiDiscrete, 1-D Box.")
+    dtype = "uint8" if obs_space.dtype == np.uint8 else "float32"
+    return EnvFacts(env_id, tuple(int(d) for d in obs_space.shape), dtype, act_space)
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, max_episode_steps: int | None = None) -> EnvBase:
+def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, **options) -> EnvBase:
     """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
 
-    Adds torchrl's ``RewardSum`` and ``StepCounter`` so every step carries the running episode
-    return and length; they are reset with each sub-env, so at a ``done`` step they hold the
-    finished episode's return and length.
+    Adds torchrl's ``InitTracker`` (``is_init``: the observation starts an episode, so recurrent
+    actors reset their state), ``RewardSum`` and ``StepCounter`` (running episode return and
+    length; at a ``done`` step they hold the finished episode's).
     """
-    make_one = partial(gym.make, env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
-    vector_env = SyncVectorEnv([make_one for _ in range(num_envs)], autoreset_mode=AutoresetMode.DISABLED)
-    env = TransformedEnv(
-        GymWrapper(vector_env, categorical_action_encoding=True),
-        RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]),
+    vector_env = SyncVectorEnv(
+        [partial(make_gym_env, env_id, **options) for _ in range(num_envs)], autoreset_mode=AutoresetMode.DISABLED
     )
+    env = TransformedEnv(GymWrapper(vector_env, categorical_action_encoding=True), InitTracker())
+    env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
     env.append_transform(StepCounter())
     if seed is not None:
         env.set_seed(seed)
@@ -76,3 +180,26 @@ def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, max_epi
 def actor_seeds(seed: int, num_actors: int, rank: int = 0) -> list[int]:
     """Distinct, reproducible env seeds for each actor (and each DDP rank)."""
     return [int(s) for s in np.random.SeedSequence([seed, rank]).generate_state(num_actors)]
+
+
+def action_space_spec(space: gym.Space) -> dict:
+    """A plain-data description of an action space (what the CLI links into the model)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "multi_discrete", "nvec": [int(n) for n in space.nvec]}
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "box", "low": space.low.astype(float).tolist(), "high": space.high.astype(float).tolist()}
+    raise ValueError(f"unsupported action space {space}")
+
+
+def action_space_from_spec(spec: dict) -> gym.Space:
+    """Inverse of ``action_space_spec``."""
+    kind = spec.get("type")
+    if kind == "discrete":
+        return gym.spaces.Discrete(spec["n"])
+    if kind == "multi_discrete":
+        return gym.spaces.MultiDiscrete(spec["nvec"])
+    if kind == "box":
+        return gym.spaces.Box(np.array(spec["low"], dtype=np.float32), np.array(spec["high"], dtype=np.float32))
+    raise ValueError(f"unknown action space spec {spec!r}: 'type' must be discrete, multi_discrete or box")

@@ -18,8 +18,10 @@ from torch import Tensor
 
 from lit_impala import vtrace
 from lit_impala.callbacks import ActorWeightSync
+from lit_impala.distributions import make_distribution
+from lit_impala.envs import action_space_from_spec
 from lit_impala.losses import REDUCTIONS, impala_loss
-from lit_impala.networks import ActorCriticMLP
+from lit_impala.networks import ImpalaAgent
 from lit_impala.trajectory import bootstrap_targets, to_time_major
 
 
@@ -32,11 +34,26 @@ class ImpalaModule(L.LightningModule):
     """IMPALA learner (Espeholt et al. 2018). Defaults are the paper's.
 
     Args:
-        observation_size: length of the observation vector (linked from the data module).
-        num_actions: number of discrete actions (linked from the data module).
-        hidden_dim: width of the MLP's first hidden layer.
-        feature_dim: width of the MLP's feature layer read by the policy and value heads.
+        observation_shape: shape of one observation (linked from the data module).
+        action_space: the env's action space as plain data (linked from the data module).
+        encoder: ``mlp`` for vectors; ``resnet`` (the paper's deep ResNet) or ``nature`` (DQN's
+            CNN) for images.
+        hidden_dim: width of the MLP encoder's first hidden layer.
+        feature_dim: width of the encoder's output, read by the core or the heads.
+        use_lstm: add an LSTM core; actors carry its state across unrolls and reset it at
+            episode starts.
+        lstm_hidden_dim: size of the LSTM state.
+        init_fn: weight init: ``orthogonal``, ``xavier_uniform`` or ``identity`` (PyTorch default).
+        policy_init_scale: gain of the policy head's init (small: near-uniform first policy).
+        value_init_scale: gain of the value head's init.
+        action_squash: continuous actions: ``clip`` the Gaussian sample to the bounds, or ``tanh``
+            squash it; log-probs on both sides are of the same distribution either way.
+        log_std_init: initial log standard deviation of a Gaussian policy.
+        state_dependent_std: the Gaussian's std comes from the network (default: a free parameter).
+        normalize_observations: normalise vector observations with running mean/std (learnt by
+            the learner, shipped to the actors with the weights, saved in checkpoints).
         discount: gamma, the per-step discount in [0, 1].
+        reward_scale: rewards are multiplied by this for learning only (logged returns stay raw).
         baseline_coef: weight of the value (baseline) loss ``0.5 * (vs - V)^2``.
         ent_coef: weight of the entropy bonus.
         clip_rho_threshold: rho-bar, clips the importance weights of the value targets (None: no clip).
@@ -58,11 +75,22 @@ class ImpalaModule(L.LightningModule):
 
     def __init__(
         self,
-        observation_size: int,
-        num_actions: int,
+        observation_shape: list[int],
+        action_space: dict,
+        encoder: str = "mlp",
         hidden_dim: int = 64,
         feature_dim: int = 64,
+        use_lstm: bool = False,
+        lstm_hidden_dim: int = 128,
+        init_fn: str = "orthogonal",
+        policy_init_scale: float = 0.01,
+        value_init_scale: float = 1.0,
+        action_squash: str = "clip",
+        log_std_init: float = 0.0,
+        state_dependent_std: bool = False,
+        normalize_observations: bool = False,
         discount: float = 0.99,
+        reward_scale: float = 1.0,
         baseline_coef: float = 0.5,
         ent_coef: float = 0.01,
         clip_rho_threshold: float | None = 1.0,
@@ -81,9 +109,10 @@ class ImpalaModule(L.LightningModule):
         return_window: int = 100,
     ):
         super().__init__()
-        _check(observation_size >= 1 and num_actions >= 1, f"observation_size and num_actions must be >= 1, got {observation_size}, {num_actions}")
-        _check(hidden_dim >= 1 and feature_dim >= 1, f"hidden_dim and feature_dim must be >= 1, got {hidden_dim}, {feature_dim}")
+        _check(all(d >= 1 for d in observation_shape), f"observation_shape must be positive, got {observation_shape}")
+        _check(min(hidden_dim, feature_dim, lstm_hidden_dim) >= 1, f"hidden_dim, feature_dim and lstm_hidden_dim must be >= 1, got {hidden_dim}, {feature_dim}, {lstm_hidden_dim}")
         _check(0.0 <= discount <= 1.0, f"discount must be in [0, 1], got {discount}")
+        _check(reward_scale > 0, f"reward_scale must be > 0, got {reward_scale}")
         _check(0.0 <= lambda_ <= 1.0, f"lambda_ must be in [0, 1], got {lambda_}")
         for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "max_grad_norm"):
             value = locals()[name]
@@ -96,7 +125,20 @@ class ImpalaModule(L.LightningModule):
         self.save_hyperparameters()
         # A picklable recipe for this architecture: the actors build their own copy from it.
         self.network_factory = partial(
-            ActorCriticMLP, observation_size=observation_size, num_actions=num_actions, hidden_dim=hidden_dim, feature_dim=feature_dim
+            ImpalaAgent,
+            observation_shape=tuple(observation_shape),
+            distribution=make_distribution(action_space_from_spec(action_space), squash=action_squash),
+            encoder=encoder,
+            hidden_dim=hidden_dim,
+            feature_dim=feature_dim,
+            use_lstm=use_lstm,
+            lstm_hidden_dim=lstm_hidden_dim,
+            init_fn=init_fn,
+            policy_init_scale=policy_init_scale,
+            value_init_scale=value_init_scale,
+            log_std_init=log_std_init,
+            state_dependent_std=state_dependent_std,
+            normalize_observations=normalize_observations,
         )
         self.network = self.network_factory()
         self.env_frames = 0  # env steps consumed by this learner; saved in checkpoints
@@ -116,14 +158,20 @@ class ImpalaModule(L.LightningModule):
         trajectory = to_time_major(batch.to(self.device, non_blocking=True))
         T, B = trajectory.reward.shape
 
-        # 2. learner forward
-        output = self.network(trajectory.observation)
-        log_probs = torch.log_softmax(output.policy_logits, dim=-1)  # [T, B, A]
-        target_log_prob = log_probs.gather(-1, trajectory.action.unsqueeze(-1)).squeeze(-1)  # [T, B]
-        entropy = -(log_probs.exp() * log_probs).sum(-1)  # [T, B]
+        # 2. learner forward: from the core state the actors started the unroll with, resetting
+        #    it at the same episode starts they did
+        output = self.network(trajectory.observation, trajectory.initial_core_state, trajectory.is_init)
+        distribution = self.network.distribution
+        target_log_prob = distribution.log_prob(output.policy_params, trajectory.action)  # [T, B]
+        entropy = distribution.entropy(output.policy_params)  # [T, B]
 
         # 3. V-trace targets (no grad)
-        targets = bootstrap_targets(trajectory, self.network.value, hp.discount)
+        def value_of_next(mask: Tensor) -> Tensor:
+            # V(next observation) continuing from the core state after that step
+            core_state = None if output.core_states is None else tuple(s[mask] for s in output.core_states)
+            return self.network.step_value(trajectory.next_observation[mask], core_state)
+
+        targets = bootstrap_targets(trajectory, value_of_next, hp.discount, hp.reward_scale)
         log_rhos = target_log_prob.detach() - trajectory.behaviour_log_prob
         vtrace_returns = vtrace.from_importance_weights(
             log_rhos=log_rhos,
@@ -142,7 +190,10 @@ class ImpalaModule(L.LightningModule):
             target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction
         )
 
-        # 5. log
+        # 5. statistics and logs
+        if self.network.normalizer is not None:
+            # After this batch's loss, so the loss used the statistics the actors acted with.
+            self.network.normalizer.update(trajectory.observation.flatten(0, 1))
         self.env_frames += T * B
         self._record_episodes(trajectory)
         if self._should_log():

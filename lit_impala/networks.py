@@ -1,7 +1,7 @@
-"""Plain ``nn.Module`` networks for the actor and the learner.
+"""The agent network shared by actors and learner: observation encoder -> optional LSTM core -> policy
+and baseline heads, with one time-major forward ``[T, B, *obs] -> AgentOutput``.
 
-Every network maps an observation batch ``[..., obs_dim]`` to policy logits ``[..., A]`` and a
-state value ``[...]``; nothing here knows about TensorDicts, torchrl or Lightning.
+Plain ``nn.Module``s; nothing here knows about TensorDicts, torchrl or Lightning.
 """
 
 from __future__ import annotations
@@ -9,21 +9,375 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lit_impala.distributions import ActionDistribution, Categorical, DiagGaussian
+
+ENCODERS = ("mlp", "resnet", "nature")
+INIT_FNS = ("orthogonal", "xavier_uniform", "identity")
+
+CoreState = tuple[Tensor, Tensor]  # (h, c), each [B, H]
 
 
 class AgentOutput(NamedTuple):
-    """What one forward pass of an actor-critic network returns."""
+    """What one forward pass of the agent returns (time-major)."""
 
-    policy_logits: Tensor  # [..., A] unnormalised log-probabilities of each action
-    baseline: Tensor  # [...] state value V(x)
+    policy_params: Tensor  # [T, B, P] the action distribution's parameters (logits, or mean and log std)
+    baseline: Tensor  # [T, B] state value V(x_t)
+    core_states: CoreState | None = None  # (h, c) each [T, B, H]: the LSTM state AFTER step t; None without LSTM
+
+    @property
+    def policy_logits(self) -> Tensor:
+        """Alias of ``policy_params`` for callers written when every policy was categorical."""
+        return self.policy_params
 
 
-class ActorCriticMLP(nn.Module):
-    """Actor-critic MLP for vector observations and a discrete action space.
+# --- encoders: [N, *obs_shape] -> [N, feature_dim] -------------------------------------------------------
 
-    ``obs [..., observation_size] -> torso (2 x Linear+ReLU) -> features [..., feature_dim]``,
-    then two linear heads: policy logits ``[..., num_actions]`` and value ``[...]``.
+
+def _scale_pixels(x: Tensor, like: Tensor) -> Tensor:
+    """uint8 pixels in [0, 255] -> floats in [0, 1] in ``like``'s dtype. Float input is taken as already
+    scaled. Scaling here lets uint8 (4x smaller) travel from the actors to the learner's device."""
+    x_float = x.to(like.dtype)
+    return x_float / 255.0 if x.dtype == torch.uint8 else x_float
+
+
+@torch.no_grad()
+def _flat_size(conv_stack: nn.Module, observation_shape: tuple[int, ...], name: str) -> int:
+    """Size of ``conv_stack``'s flattened output for one observation, found by a dummy forward."""
+    try:
+        return conv_stack(torch.zeros(1, *observation_shape)).numel()
+    except RuntimeError as error:  # the strides shrank the image to nothing
+        raise ValueError(f"observation shape {observation_shape} is too small for the {name!r} encoder") from error
+
+
+class MLPEncoder(nn.Module):
+    """Vector observations ``[N, observation_size] -> [N, feature_dim]``: Linear-ReLU-Linear-ReLU."""
+
+    def __init__(self, observation_size: int, hidden_dim: int = 64, feature_dim: int = 64):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.net = nn.Sequential(
+            nn.Linear(observation_size, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, feature_dim),
+            nn.ReLU(),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Envs emit float64 or integer vectors too; compute in the network's own dtype.
+        return self.net(x.to(self.net[0].weight.dtype))
+
+
+class ResidualBlock(nn.Module):
+    """``x + conv(relu(conv(relu(x))))``, 3x3 convolutions that keep ``[N, C, H, W]``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv0 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv1(F.relu(self.conv0(F.relu(x))))
+
+
+class ResNetStage(nn.Module):
+    """conv3x3 -> max-pool 3x3 stride 2 (halves H and W) -> 2 residual blocks."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.res0 = ResidualBlock(out_channels)
+        self.res1 = ResidualBlock(out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.res1(self.res0(self.pool(self.conv(x))))
+
+
+class ResNetEncoder(nn.Module):
+    """The IMPALA paper's deep encoder (Espeholt et al. 2018, fig. 3; TorchBeast's ``AtariNet``).
+
+    Pixels ``[N, C, H, W]`` (uint8 or float in [0, 1]) -> 3 stages of 16, 32, 32 channels -> ReLU ->
+    flatten -> Linear -> ReLU -> ``[N, feature_dim]``.
+    """
+
+    STAGE_CHANNELS = (16, 32, 32)
+
+    def __init__(self, observation_shape: tuple[int, int, int], feature_dim: int = 256):
+        super().__init__()
+        self.feature_dim = feature_dim
+        channels = (observation_shape[0],) + self.STAGE_CHANNELS
+        self.stages = nn.Sequential(*(ResNetStage(c_in, c_out) for c_in, c_out in zip(channels, channels[1:])))
+        self.fc = nn.Linear(_flat_size(self.stages, observation_shape, "resnet"), feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stages(_scale_pixels(x, self.fc.weight))
+        return F.relu(self.fc(F.relu(x).flatten(1)))
+
+
+class NatureCNNEncoder(nn.Module):
+    """The DQN Nature CNN (Mnih et al. 2015): pixels ``[N, C, H, W]`` (uint8 or float in [0, 1]) ->
+    conv 32 8x8 s4 -> conv 64 4x4 s2 -> conv 64 3x3 s1 (ReLU each) -> flatten -> Linear -> ReLU
+    -> ``[N, feature_dim]``. Needs H, W >= 36."""
+
+    def __init__(self, observation_shape: tuple[int, int, int], feature_dim: int = 512):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.convs = nn.Sequential(
+            nn.Conv2d(observation_shape[0], 32, kernel_size=8, stride=4),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, kernel_size=4, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, kernel_size=3, stride=1),
+            nn.ReLU(),
+            nn.Flatten(),
+        )
+        self.fc = nn.Linear(_flat_size(self.convs, observation_shape, "nature"), feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(self.convs(_scale_pixels(x, self.fc.weight))))
+
+
+# --- observation normalisation -------------------------------------------------------------------------
+
+
+class ObservationNormalizer(nn.Module):
+    """Running mean / variance of vector observations: ``x -> clamp((x - mean) / sqrt(var + eps), +-clip)``.
+
+    The statistics are float64 buffers (``mean``, ``var`` ``[*shape]``, ``count`` ``[]``), so they are
+    saved in checkpoints and travel to the actors with the weights; only ``update`` changes them (the
+    learner calls it), so actors and learner normalise alike given the same weights. Before any update
+    (mean 0, var 1) it is the identity, up to the clipping.
+
+    Args:
+        shape: shape of one observation.
+        clip: bound on the normalised values, so a rare outlier cannot dominate the features.
+        epsilon: added to the variance, so a constant feature does not divide by zero.
+    """
+
+    def __init__(self, shape: tuple[int, ...], clip: float = 10.0, epsilon: float = 1e-8):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.clip = clip
+        self.epsilon = epsilon
+        self.register_buffer("mean", torch.zeros(self.shape, dtype=torch.float64))
+        self.register_buffer("var", torch.ones(self.shape, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, batch: Tensor) -> None:
+        """Merge the statistics of ``batch [..., *shape]`` (Chan et al.'s parallel variance formula)."""
+        batch = batch.reshape(-1, *self.shape).to(self.mean)
+        n = batch.shape[0]
+        if n == 0:
+            return
+        batch_mean, batch_var = batch.mean(0), batch.var(0, unbiased=False)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * n + delta.square() * self.count * n / total
+        self.mean += delta * n / total
+        self.var.copy_(m2 / total)
+        self.count.copy_(total)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[..., *shape] -> [..., *shape]`` in ``x``'s floating dtype."""
+        if not x.is_floating_point():
+            x = x.float()
+        std = torch.sqrt(self.var + self.epsilon)
+        return ((x - self.mean.to(x.dtype)) / std.to(x.dtype)).clamp(-self.clip, self.clip)
+
+
+# --- the agent -----------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+class ImpalaAgent(nn.Module):
+    """Encoder -> optional LSTM core -> policy head ``[..., P]`` and baseline head ``[...]``.
+
+    The same module acts (actors, ``T = 1``) and learns (learner, ``T`` = unroll length), so both
+    compute the policy in exactly one way.
+
+    Args:
+        observation_shape: shape of one observation: ``(size,)`` for "mlp", ``(C, H, W)`` for pixels.
+        distribution: the action distribution; fixes the policy head's size ``distribution.param_size``.
+        encoder: "mlp" (vectors), "resnet" (IMPALA deep net) or "nature" (DQN Nature CNN).
+        hidden_dim: width of the MLP encoder's hidden layer (unused by pixel encoders).
+        feature_dim: encoder output size (the papers use 256 for "resnet", 512 for "nature").
+        use_lstm: add an LSTM core between encoder and heads, reset at episode starts.
+        lstm_hidden_dim: H, the LSTM state size (TorchBeast uses 256 on Atari).
+        init_fn: "orthogonal" or "xavier_uniform" (gain sqrt(2) for ReLU layers, zero biases, small
+            policy head), or "identity" to keep PyTorch's default init everywhere.
+        policy_init_scale: policy-head gain; 0.01 makes the initial policy near-uniform (high entropy).
+        value_init_scale: baseline-head gain.
+        log_std_init: initial log std of a Gaussian policy (ignored for discrete actions).
+        state_dependent_std: Gaussian only: the head outputs log std too, instead of one learned
+            state-independent ``log_std`` parameter (ignored for discrete actions).
+        normalize_observations: normalise vector observations with running statistics (``normalizer``;
+            the learner calls ``normalizer.update``). Pixel encoders scale uint8 by 1/255 instead.
+    """
+
+    def __init__(
+        self,
+        observation_shape: tuple[int, ...],
+        distribution: ActionDistribution,
+        encoder: str = "mlp",
+        hidden_dim: int = 64,
+        feature_dim: int = 64,
+        use_lstm: bool = False,
+        lstm_hidden_dim: int = 128,
+        init_fn: str = "orthogonal",
+        policy_init_scale: float = 0.01,
+        value_init_scale: float = 1.0,
+        log_std_init: float = 0.0,
+        state_dependent_std: bool = False,
+        normalize_observations: bool = False,
+    ):
+        super().__init__()
+        _check_choice("encoder", encoder, ENCODERS)
+        _check_choice("init_fn", init_fn, INIT_FNS)
+        self.observation_shape = tuple(int(s) for s in observation_shape)
+        self.distribution = distribution
+        self.encoder_name = encoder
+        self.use_lstm = use_lstm
+        self.is_pixel = encoder != "mlp"
+
+        # 1. encoder
+        needed_dims = 3 if self.is_pixel else 1
+        if len(self.observation_shape) != needed_dims:
+            expects = "(C, H, W) images" if self.is_pixel else "1-D vectors"
+            raise ValueError(f"encoder {encoder!r} expects {expects}, got observation shape {self.observation_shape}")
+        if normalize_observations and self.is_pixel:
+            raise ValueError(f"normalize_observations is for vector observations, not encoder {encoder!r}")
+        self.normalizer = ObservationNormalizer(self.observation_shape) if normalize_observations else None
+        if encoder == "mlp":
+            self.encoder = MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
+        elif encoder == "resnet":
+            self.encoder = ResNetEncoder(self.observation_shape, feature_dim)
+        else:
+            self.encoder = NatureCNNEncoder(self.observation_shape, feature_dim)
+
+        # 2. core
+        self.core = nn.LSTM(feature_dim, lstm_hidden_dim) if use_lstm else None
+        core_size = lstm_hidden_dim if use_lstm else feature_dim
+
+        # 3. heads; a state-independent Gaussian std is a parameter broadcast next to the head's mean
+        gaussian = isinstance(distribution, DiagGaussian)
+        learned_log_std = gaussian and not state_dependent_std
+        self.policy_head = nn.Linear(core_size, distribution.action_dim if learned_log_std else distribution.param_size)
+        self.baseline_head = nn.Linear(core_size, 1)
+        if learned_log_std:
+            self.log_std = nn.Parameter(torch.full((distribution.action_dim,), float(log_std_init)))
+        else:
+            self.register_parameter("log_std", None)
+
+        # 4. initialisation
+        self._initialize(init_fn, policy_init_scale, value_init_scale)
+        if gaussian and state_dependent_std:
+            with torch.no_grad():  # start at std = exp(log_std_init) whatever the state
+                self.policy_head.bias[distribution.action_dim :].fill_(float(log_std_init))
+
+    def _initialize(self, init_fn: str, policy_init_scale: float, value_init_scale: float) -> None:
+        """rllte / CleanRL-style init; "identity" keeps PyTorch's defaults untouched."""
+        if init_fn == "identity":
+            return
+        init_weight = nn.init.orthogonal_ if init_fn == "orthogonal" else nn.init.xavier_uniform_
+        relu_gain = nn.init.calculate_gain("relu")  # sqrt(2): keeps activations' scale through ReLUs
+        for module in self.encoder.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                init_weight(module.weight, gain=relu_gain)
+                nn.init.zeros_(module.bias)
+        if self.core is not None:
+            # Orthogonal recurrent weights keep the state's norm over many steps; xavier for the input map.
+            for name, param in self.core.named_parameters():
+                if name.startswith("weight_hh"):
+                    nn.init.orthogonal_(param)
+                elif name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(param)
+                else:
+                    nn.init.zeros_(param)
+        for head, gain in ((self.policy_head, policy_init_scale), (self.baseline_head, value_init_scale)):
+            init_weight(head.weight, gain=gain)
+            nn.init.zeros_(head.bias)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState | None:
+        """Zero LSTM state ``(h, c)``, each ``[batch_size, H]``; ``None`` without LSTM."""
+        if self.core is None:
+            return None
+        weight = self.core.weight_hh_l0
+        zeros = torch.zeros(batch_size, self.core.hidden_size, dtype=weight.dtype, device=device or weight.device)
+        return zeros, zeros.clone()
+
+    def forward(self, observation: Tensor, core_state: CoreState | None = None, is_init: Tensor | None = None) -> AgentOutput:
+        """One forward for acting (``T = 1``) and learning.
+
+        Args:
+            observation: ``[T, B, *observation_shape]`` (without LSTM, any leading dims are accepted).
+            core_state: ``(h, c)`` each ``[B, H]``, the state entering step 0; zeros when ``None``.
+                Ignored without LSTM.
+            is_init: ``[T, B]`` bool, True where step t is the first of a new episode: the state entering
+                that step is zeroed for that column. ``None``: no resets. Ignored without LSTM.
+
+        Returns:
+            ``AgentOutput`` with ``policy_params [T, B, P]``, ``baseline [T, B]`` and ``core_states``
+            ``(h, c)`` each ``[T, B, H]`` (the state after step t, i.e. the one to carry into t + 1).
+        """
+        obs_dims = len(self.observation_shape)
+        if tuple(observation.shape[observation.dim() - obs_dims :]) != self.observation_shape:
+            raise ValueError(f"observation shape {tuple(observation.shape)} does not end in {self.observation_shape}")
+        leading = observation.shape[: observation.dim() - obs_dims]
+
+        # The encoder sees all T * B observations at once; only the core needs time order.
+        x = observation.reshape(-1, *self.observation_shape)
+        if self.normalizer is not None:
+            x = self.normalizer(x)
+        features = self.encoder(x)  # [T * B, F]
+
+        core_states = None
+        if self.core is None:
+            core_output = features.reshape(*leading, -1)
+        else:
+            if len(leading) != 2:
+                raise ValueError(f"an LSTM agent needs observations [T, B, *obs], got {tuple(observation.shape)}")
+            core_output, core_states = self._unroll(features.reshape(*leading, -1), core_state, is_init)
+
+        policy_params = self.policy_head(core_output)
+        if self.log_std is not None:
+            policy_params = torch.cat([policy_params, self.log_std.expand_as(policy_params)], dim=-1)
+        return AgentOutput(policy_params, self.baseline_head(core_output).squeeze(-1), core_states)
+
+    def _unroll(self, features: Tensor, core_state: CoreState | None, is_init: Tensor | None) -> tuple[Tensor, CoreState]:
+        """LSTM over ``features [T, B, F]`` step by step, resetting at episode starts -> ``([T, B, H], (h, c))``."""
+        T, B = features.shape[:2]
+        h, c = self.initial_state(B, features.device) if core_state is None else core_state
+        if is_init is not None and tuple(is_init.shape) != (T, B):
+            raise ValueError(f"is_init must be [T, B] = {(T, B)}, got {tuple(is_init.shape)}")
+        hs, cs = [], []
+        for t in range(T):
+            if is_init is not None:
+                # A new episode must not see the previous episode's memory.
+                keep = (~is_init[t].bool()).to(h.dtype).unsqueeze(-1)  # [B, 1]
+                h, c = h * keep, c * keep
+            _, (h, c) = self.core(features[t].unsqueeze(0), (h.unsqueeze(0), c.unsqueeze(0)))
+            h, c = h.squeeze(0), c.squeeze(0)
+            hs.append(h)
+            cs.append(c)
+        h_all, c_all = torch.stack(hs), torch.stack(cs)
+        return h_all, (h_all, c_all)  # a one-layer LSTM's output is its h
+
+    def step_value(self, observation: Tensor, core_state: CoreState | None = None) -> Tensor:
+        """``V`` of ``observation [N, *obs]`` continuing from ``core_state`` (each ``[N, H]``; one core
+        step, no reset) -> ``[N]``. The learner bootstraps from final observations with it."""
+        return self.forward(observation.unsqueeze(0), core_state).baseline.squeeze(0)
+
+
+class ActorCriticMLP(ImpalaAgent):
+    """Backwards-compatible shortcut: an ``ImpalaAgent`` with an MLP encoder and a categorical policy.
 
     Args:
         observation_size: length of the flat observation vector.
@@ -33,25 +387,10 @@ class ActorCriticMLP(nn.Module):
     """
 
     def __init__(self, observation_size: int, num_actions: int, hidden_dim: int = 64, feature_dim: int = 64):
-        super().__init__()
+        super().__init__((observation_size,), Categorical(num_actions), "mlp", hidden_dim, feature_dim)
         self.observation_size = observation_size
         self.num_actions = num_actions
-        self.torso = nn.Sequential(
-            nn.Linear(observation_size, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, feature_dim),
-            nn.ReLU(),
-        )
-        self.policy_head = nn.Linear(feature_dim, num_actions)
-        self.baseline_head = nn.Linear(feature_dim, 1)
-        # Small policy-head weights make the initial policy near-uniform (high entropy), as peers do.
-        nn.init.orthogonal_(self.policy_head.weight, gain=0.01)
-        nn.init.zeros_(self.policy_head.bias)
-
-    def forward(self, observation: Tensor) -> AgentOutput:
-        features = self.torso(observation)
-        return AgentOutput(self.policy_head(features), self.baseline_head(features).squeeze(-1))
 
     def value(self, observation: Tensor) -> Tensor:
         """State value only: ``[..., observation_size] -> [...]``."""
-        return self.baseline_head(self.torso(observation)).squeeze(-1)
+        return self.forward(observation).baseline

@@ -20,15 +20,24 @@ import torch
 from tensordict import TensorDictBase
 from torch import Tensor
 
-from lit_impala.actor import ACTION_KEY, BEHAVIOUR_LOG_PROB_KEY, OBSERVATION_KEY, POLICY_VERSION_KEY
-from lit_impala.envs import EPISODE_LENGTH_KEY, EPISODE_RETURN_KEY
+from lit_impala.actor import (
+    BEHAVIOUR_LOG_PROB_KEY,
+    CORE_STATE_KEYS,
+    OBSERVATION_KEY,
+    POLICY_SAMPLE_KEY,
+    POLICY_VERSION_KEY,
+)
+from lit_impala.envs import EPISODE_LENGTH_KEY, EPISODE_RETURN_KEY, IS_INIT_KEY
 
-# Everything the learner reads from a collector batch; the dataset keeps only these keys.
+# Everything the learner reads from a collector batch; the dataset keeps only these keys
+# (the core-state keys exist only for recurrent policies).
 BATCH_KEYS = [
     OBSERVATION_KEY,
-    ACTION_KEY,
+    IS_INIT_KEY,
+    POLICY_SAMPLE_KEY,
     BEHAVIOUR_LOG_PROB_KEY,
     POLICY_VERSION_KEY,
+    *CORE_STATE_KEYS,
     ("next", OBSERVATION_KEY),
     ("next", "reward"),
     ("next", "terminated"),
@@ -42,7 +51,8 @@ class Trajectory(NamedTuple):
     """A batch of unrolls, time-major. ``T`` steps, ``B`` unrolls."""
 
     observation: Tensor  # [T, B, *obs] x_t, what the actor saw before acting
-    action: Tensor  # [T, B] a_t
+    is_init: Tensor  # [T, B] bool, x_t is the first observation of an episode (recurrent state resets)
+    action: Tensor  # [T, B, *sample] the policy's sample for a_t (what the log-probs are of)
     reward: Tensor  # [T, B] r_t, received for a_t
     terminated: Tensor  # [T, B] bool, the episode ended at t (no bootstrap)
     truncated: Tensor  # [T, B] bool, the episode was cut at t (bootstrap from next_observation)
@@ -51,6 +61,7 @@ class Trajectory(NamedTuple):
     policy_version: Tensor  # [T, B] int64, learner updates behind the weights that acted
     episode_return: Tensor  # [T, B] running return; the finished episode's return where done
     episode_length: Tensor  # [T, B] running length; the finished episode's length where done
+    initial_core_state: tuple[Tensor, Tensor] | None  # ([B, H], [B, H]) the actor's state entering t=0
 
     @property
     def done(self) -> Tensor:
@@ -67,9 +78,13 @@ def to_time_major(batch: TensorDictBase) -> Trajectory:
             value = value.squeeze(2)  # torchrl keeps a trailing [1] on rewards, done flags and counters
         return value.transpose(0, 1)
 
+    initial_core_state = None
+    if CORE_STATE_KEYS[0] in batch.keys():
+        initial_core_state = tuple(batch.get(key)[:, 0] for key in CORE_STATE_KEYS)
     return Trajectory(
         observation=get(OBSERVATION_KEY),
-        action=get(ACTION_KEY),
+        is_init=get(IS_INIT_KEY, per_step_scalar=True),
+        action=get(POLICY_SAMPLE_KEY),
         reward=get(("next", "reward"), per_step_scalar=True),
         terminated=get(("next", "terminated"), per_step_scalar=True),
         truncated=get(("next", "truncated"), per_step_scalar=True),
@@ -78,6 +93,7 @@ def to_time_major(batch: TensorDictBase) -> Trajectory:
         policy_version=get(POLICY_VERSION_KEY),
         episode_return=get(("next", EPISODE_RETURN_KEY), per_step_scalar=True),
         episode_length=get(("next", EPISODE_LENGTH_KEY), per_step_scalar=True),
+        initial_core_state=initial_core_state,
     )
 
 
@@ -90,21 +106,24 @@ class BootstrapTargets(NamedTuple):
 
 
 @torch.no_grad()
-def bootstrap_targets(trajectory: Trajectory, value_fn: Callable[[Tensor], Tensor], discount: float) -> BootstrapTargets:
+def bootstrap_targets(
+    trajectory: Trajectory, value_of_next: Callable[[Tensor], Tensor], discount: float, reward_scale: float = 1.0
+) -> BootstrapTargets:
     """Discounts, rewards and bootstrap value for V-trace from a trajectory.
 
     Args:
         trajectory: time-major batch, ``[T, B]``.
-        value_fn: ``[N, *obs] -> [N]`` state values of the learner's current network.
+        value_of_next: ``mask [T, B] bool -> [n]``: the learner's value of ``next_observation`` at the
+            ``n`` masked steps (row-major order), continuing each from the state after that step.
+            Called once, for the last step and every truncated step.
         discount: gamma in [0, 1].
+        reward_scale: factor applied to the env rewards (the values are already in that scale).
     """
     truncated = trajectory.truncated & ~trajectory.terminated
-    final_observations = trajectory.next_observation[truncated]  # [n_truncated, *obs]
-    # One forward for the bootstrap state and every truncated step's final observation.
-    extra_values = value_fn(torch.cat([trajectory.next_observation[-1], final_observations]))
-    batch_size = trajectory.reward.shape[1]
-    bootstrap_value = extra_values[:batch_size]
-    rewards = trajectory.reward.to(extra_values.dtype).clone()
-    rewards[truncated] += discount * extra_values[batch_size:]
+    needed = truncated.clone()
+    needed[-1] = True
+    next_values = torch.zeros(needed.shape, dtype=torch.float32, device=needed.device)
+    next_values[needed] = value_of_next(needed).to(next_values.dtype)
+    rewards = reward_scale * trajectory.reward.to(next_values.dtype) + discount * truncated * next_values
     discounts = discount * (~trajectory.done).to(rewards.dtype)
-    return BootstrapTargets(discounts, rewards, bootstrap_value)
+    return BootstrapTargets(discounts, rewards, next_values[-1])

@@ -83,7 +83,11 @@ def test_behaviour_log_probs_are_those_of_the_published_weights(batches):
 
 @pytest.mark.parametrize(
     "env_id, message",
-    [("CartPole-v9", "Unknown gymnasium env id 'CartPole-v9'"), ("Pendulum-v1", "Discrete action space")],
+    [
+        ("CartPole-v9", "Unknown gymnasium env id 'CartPole-v9'"),
+        ("Blackjack-v1", "has observation space Tuple"),
+        ("CarRacing-v3", "Env 'CarRacing-v3' could not be created: DependencyNotInstalled"),
+    ],
 )
 def test_unsupported_envs_are_rejected_by_name(env_id, message):
     with pytest.raises(ValueError, match=message):

@@ -11,6 +11,7 @@ gamma = 0.9, one env (B=1), five steps:
     4  20     1       21       -            20   (bootstrap from V(21) = 21)
 """
 
+import pytest
 import torch
 from tensordict import TensorDict
 
@@ -33,7 +34,8 @@ def hand_built_batch() -> TensorDict:
     return TensorDict(
         {
             "observation": batch_major(obs.unsqueeze(-1)),
-            "action": batch_major(torch.zeros(T, dtype=torch.int64)),
+            "is_init": batch_major(torch.tensor([True, False, True, False, True]).unsqueeze(-1)),
+            "policy_sample": batch_major(torch.zeros(T, dtype=torch.int64)),
             "behaviour_log_prob": batch_major(torch.zeros(T)),
             "policy_version": batch_major(torch.zeros(T, dtype=torch.int64)),
             "next": {
@@ -53,26 +55,32 @@ def value_fn(observation):
     return observation[..., 0].to(torch.float64)
 
 
+def value_of_next(trajectory):
+    return lambda mask: value_fn(trajectory.next_observation[mask])
+
+
 def test_time_major_layout():
     trajectory = to_time_major(hand_built_batch())
     assert trajectory.observation.shape == (5, 1, 1)
     assert trajectory.reward.shape == trajectory.terminated.shape == (5, 1)
     assert trajectory.done[:, 0].tolist() == [False, True, False, True, False]
     assert trajectory.episode_return[:, 0].tolist() == [1.0, 2.0, 1.0, 2.0, 1.0]
+    assert trajectory.is_init[:, 0].tolist() == [True, False, True, False, True]
+    assert trajectory.initial_core_state is None  # no recurrent core in this batch
 
 
 def test_boundaries_give_the_hand_computed_targets():
     trajectory = to_time_major(hand_built_batch())
-    targets = bootstrap_targets(trajectory, value_fn, GAMMA)
+    targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA)
 
-    assert targets.discounts[:, 0].tolist() == [GAMMA, 0.0, GAMMA, 0.0, GAMMA]
+    torch.testing.assert_close(targets.discounts[:, 0], torch.tensor([GAMMA, 0.0, GAMMA, 0.0, GAMMA]))
     # truncation folds gamma * V(final obs) into the reward; termination adds nothing
-    torch.testing.assert_close(targets.rewards[:, 0], torch.tensor([1.0, 1.0, 1.0, 1.0 + GAMMA * 12.0, 1.0], dtype=torch.float64))
-    torch.testing.assert_close(targets.bootstrap_value, torch.tensor([21.0], dtype=torch.float64))
+    torch.testing.assert_close(targets.rewards[:, 0], torch.tensor([1.0, 1.0, 1.0, 1.0 + GAMMA * 12.0, 1.0]))
+    torch.testing.assert_close(targets.bootstrap_value, torch.tensor([21.0]))
 
-    values = value_fn(trajectory.observation)
+    values = value_fn(trajectory.observation).float()
     returns = vtrace.from_importance_weights(
-        log_rhos=torch.zeros(5, 1, dtype=torch.float64),
+        log_rhos=torch.zeros(5, 1),
         discounts=targets.discounts,
         rewards=targets.rewards,
         values=values,
@@ -80,22 +88,24 @@ def test_boundaries_give_the_hand_computed_targets():
     )
     # on-policy V-trace = n-step returns that stop at each episode boundary
     expected_vs = [1 + GAMMA * 1, 1.0, 1 + GAMMA * (1 + GAMMA * 12), 1 + GAMMA * 12, 1 + GAMMA * 21]
-    torch.testing.assert_close(returns.vs[:, 0], torch.tensor(expected_vs, dtype=torch.float64))
+    torch.testing.assert_close(returns.vs[:, 0], torch.tensor(expected_vs))
     expected_adv = [1 + GAMMA * 1.0 - 1, 1.0 - 2, 1 + GAMMA * (1 + GAMMA * 12) - 10, 1 + GAMMA * 12 - 11, 1 + GAMMA * 21 - 20]
-    torch.testing.assert_close(returns.pg_advantages[:, 0], torch.tensor(expected_adv, dtype=torch.float64))
+    torch.testing.assert_close(returns.pg_advantages[:, 0], torch.tensor(expected_adv))
 
 
 def test_truncation_at_the_last_step_bootstraps_once():
     batch = hand_built_batch()
     batch["next", "truncated"][0, 4] = True
-    targets = bootstrap_targets(to_time_major(batch), value_fn, GAMMA)
+    trajectory = to_time_major(batch)
+    targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA)
     assert targets.discounts[4, 0] == 0.0
-    assert targets.rewards[4, 0] == 1.0 + GAMMA * 21.0
+    assert targets.rewards[4, 0].item() == pytest.approx(1.0 + GAMMA * 21.0)
 
 
 def test_terminated_and_truncated_together_counts_as_terminated():
     batch = hand_built_batch()
     batch["next", "truncated"][0, 1] = True  # gymnasium may report both when the limit hits a terminal state
-    targets = bootstrap_targets(to_time_major(batch), value_fn, GAMMA)
+    trajectory = to_time_major(batch)
+    targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA)
     assert targets.rewards[1, 0] == 1.0
     assert targets.discounts[1, 0] == 0.0
