@@ -110,3 +110,6 @@ def test_shipped_configs_run_end_to_end(tmp_path, monkeypatch, config, overrides
     ])
     assert cli.trainer.global_step == 4
     assert all(torch.isfinite(p).all() for p in cli.model.network.parameters())
+    if cli.model.hparams.normalize_observations:  # its statistics are part of the checkpointed state
+        state = cli.model.state_dict()
+        assert state["network.normalizer.count"] > 0 and "network.normalizer.mean" in state
