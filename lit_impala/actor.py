@@ -65,8 +65,9 @@ class ActingPolicy(TensorDictModuleBase):
             self._owner_pid = os.getpid()
             self._sequence = 0
         got = self.mailbox.read_into(self.network, self._sequence)
-        deadline = time.monotonic() + FIRST_WEIGHTS_TIMEOUT_S
+        deadline = None
         while got is None and self._sequence == 0:  # never act with weights the learner did not send
+            deadline = deadline or time.monotonic() + FIRST_WEIGHTS_TIMEOUT_S
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no weights published to the actors within {FIRST_WEIGHTS_TIMEOUT_S} s")
             time.sleep(0.001)
