@@ -91,6 +91,7 @@ def make_gym_env(
     max_episode_steps: int | None = None,
     observation_key: str | None = None,
     hide_observation_indices: list[int] | None = None,
+    check_env: bool = True,
 ) -> gym.Env:
     """One gymnasium env with the observation wrappers the options ask for.
 
@@ -99,10 +100,12 @@ def make_gym_env(
         max_episode_steps: override the registered time limit (episodes are *truncated* there).
         observation_key: for dict observations, the entry the agent sees.
         hide_observation_indices: components of a vector observation hidden from the agent.
+        check_env: keep gymnasium's ``PassiveEnvChecker``. Actor copies drop it: it is one more Python
+            call per env step, and the same env was already built with it by ``describe_env``.
     """
     _import_env_module(env_id)
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    env = gym.make(env_id, **kwargs)
+    env = gym.make(env_id, disable_env_checker=not check_env, **kwargs)
     if observation_key is not None:
         if not isinstance(env.observation_space, gym.spaces.Dict) or observation_key not in env.observation_space.spaces:
             env.close()
@@ -167,7 +170,8 @@ def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, **optio
     length; at a ``done`` step they hold the finished episode's).
     """
     vector_env = SyncVectorEnv(
-        [partial(make_gym_env, env_id, **options) for _ in range(num_envs)], autoreset_mode=AutoresetMode.DISABLED
+        [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
+        autoreset_mode=AutoresetMode.DISABLED,
     )
     env = TransformedEnv(GymWrapper(vector_env, categorical_action_encoding=True), InitTracker())
     env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))

@@ -1,0 +1,120 @@
+"""Fit: the whole ``fit`` loop at steady state, as a fraction of the ceiling measured in the same run.
+
+Builds the run from the YAML exactly as ``python -m lit_impala fit`` does (logger and checkpoints
+included), trains for ``--warmup`` seconds after the first batch (start-up, first weights, JIT-free
+warm caches), then measures for ``--seconds``: env frames consumed by the learner per second, learner
+updates per second, the fraction of wall time the learner waited for data, and the policy lag of the
+batches it learnt from. The ceiling (see ``benchmarks.ceiling``) is measured first, in this process,
+with the same env count and network.
+
+    python -m benchmarks.fit --config configs/cartpole.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+
+from benchmarks.ceiling import measure_ceiling
+from benchmarks.common import build_run, print_table, write_result
+
+
+class ThroughputProbe(L.Callback):
+    """Times learner steps; after ``warmup`` s it measures for ``seconds`` s, then stops the run."""
+
+    def __init__(self, warmup: float, seconds: float):
+        self.warmup, self.seconds = warmup, seconds
+        self.first_batch_time = None
+        self.window_start = None  # (time, env_frames, global_step) when measuring began
+        self.window_end = None
+        self.last_end = None
+        self.wait_s = 0.0
+        self.lags: list[float] = []
+        self.max_lag = 0
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        now = time.perf_counter()
+        if self.first_batch_time is None:
+            self.first_batch_time = now
+        if self.window_start is not None and self.last_end is not None:
+            self.wait_s += now - self.last_end  # fetching this batch from the actors
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        now = time.perf_counter()
+        self.last_end = now
+        if self.window_start is None:
+            if now - self.first_batch_time >= self.warmup:
+                self.window_start = (now, module.env_frames, trainer.global_step)
+            return
+        lag = (trainer.global_step - 1) - batch["policy_version"].float()
+        self.lags.append(lag.mean().item())
+        self.max_lag = max(self.max_lag, int(lag.max().item()))
+        if now - self.window_start[0] >= self.seconds:
+            self.window_end = (now, module.env_frames, trainer.global_step)
+            trainer.should_stop = True
+
+    def summary(self) -> dict:
+        if self.window_end is None:
+            raise RuntimeError("the run ended before the measuring window closed: raise trainer.max_steps")
+        (t0, f0, s0), (t1, f1, s1) = self.window_start, self.window_end
+        return {
+            "seconds": t1 - t0,
+            "frames": f1 - f0,
+            "updates": s1 - s0,
+            "frames_per_second": (f1 - f0) / (t1 - t0),
+            "updates_per_second": (s1 - s0) / (t1 - t0),
+            "learner_wait_fraction": self.wait_s / (t1 - t0),
+            "policy_lag_mean": sum(self.lags) / len(self.lags),
+            "policy_lag_max": self.max_lag,
+        }
+
+
+def measure_fit(config: str, overrides: list[str], seconds: float, warmup: float) -> dict:
+    # No early stop, and a step budget the window never reaches; the progress bar would only cost time.
+    overrides = ["--model.stop_at_return=null", "--trainer.max_steps=1000000", "--trainer.enable_progress_bar=false",
+                 *overrides]
+    cli = build_run(config, overrides)
+    probe = ThroughputProbe(warmup, seconds)
+    cli.trainer.callbacks.append(probe)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    hp = cli.datamodule.hparams
+    return {
+        "config": config,
+        "overrides": overrides,
+        "env_id": hp.env_id,
+        "num_actors": hp.num_actors,
+        "envs_per_actor": hp.envs_per_actor,
+        "frames_per_update": hp.unroll_length * hp.batch_size,
+        "learner_device": str(cli.model.device),
+        **probe.summary(),
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/cartpole.yaml")
+    parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds at steady state")
+    parser.add_argument("--warmup", type=float, default=5.0, help="seconds of training before timing")
+    parser.add_argument("--ceiling-seconds", type=float, default=10.0)
+    parser.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --data.envs_per_actor=64")
+    args = parser.parse_args(argv)
+
+    ceiling = measure_ceiling(args.config, args.overrides, args.ceiling_seconds)
+    fit = measure_fit(args.config, args.overrides, args.seconds, args.warmup)
+    ratio = fit["frames_per_second"] / ceiling["frames_per_second"]
+    print_table(
+        f"Fit at steady state vs the ceiling ({fit['env_id']}, {fit['num_actors']} actors x {fit['envs_per_actor']} envs, "
+        f"{fit['frames_per_update']} frames/update, learner on {fit['learner_device']})",
+        ["ceiling frames/s", "fit frames/s", "fit / ceiling", "updates/s", "learner waits", "lag mean", "lag max"],
+        [[ceiling["frames_per_second"], fit["frames_per_second"], ratio, fit["updates_per_second"],
+          f"{fit['learner_wait_fraction']:.0%}", fit["policy_lag_mean"], fit["policy_lag_max"]]],
+    )
+    result = {"ceiling": ceiling, "fit": fit, "fit_over_ceiling": ratio}
+    write_result("fit", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
