@@ -43,7 +43,7 @@ def measure_ceiling(config: str, overrides: list[str], seconds: float, num_envs:
                 sample = distribution.sample(params)
                 distribution.log_prob(params, sample)
                 action = distribution.to_env_action(sample).numpy()
-            observation, reward, terminated, truncated, _ = env.step(action)
+            observation, _reward, terminated, truncated, _ = env.step(action)
             core_state = None if output.core_states is None else (output.core_states[0][0], output.core_states[1][0])
             return observation, core_state, torch.from_numpy(np.logical_or(terminated, truncated)).unsqueeze(0)
 

@@ -47,7 +47,7 @@ def make_problem(T: int, B: int, device: str, seed: int = 0) -> dict:
         "done": batch_first(done),
         "terminated": batch_first(done),
     }
-    move = lambda d: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}  # noqa: E731
+    move = lambda d: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
     return {"ours": move(ours), "theirs": move(theirs)}
 
 
@@ -63,7 +63,7 @@ def check_agreement(problem: dict) -> float:
     """Largest absolute difference over vs and advantages (float32 rounding expected, ~1e-5)."""
     ours = run_ours(problem["ours"])
     advantages, vs = run_theirs(problem["theirs"])
-    to_time_major = lambda x: x.squeeze(-1).transpose(0, 1)  # noqa: E731
+    to_time_major = lambda x: x.squeeze(-1).transpose(0, 1)
     error = max(
         (ours.vs - to_time_major(vs)).abs().max().item(),
         (ours.pg_advantages - to_time_major(advantages)).abs().max().item(),
