@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/cartpole.yaml")
     parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds after a warm-up")
-    parser.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --data.envs_per_actor=64")
-    args = parser.parse_args(argv)
-    result = measure_ceiling(args.config, args.overrides, args.seconds)
+    args, overrides = parser.parse_known_args(argv)  # the rest: CLI overrides, e.g. --data.envs_per_actor=64
+    overrides = [arg for arg in overrides if arg != "--"]
+    result = measure_ceiling(args.config, overrides, args.seconds)
     print_table(
         "Ceiling: one sync vector env + the policy network, tight loop, 1 thread",
         ["env", "envs", "frames/s"],

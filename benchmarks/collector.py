@@ -55,9 +55,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/cartpole.yaml")
     parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds at steady state")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds drained before timing")
-    parser.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --data.envs_per_actor=64")
-    args = parser.parse_args(argv)
-    result = measure_collector(args.config, args.overrides, args.seconds, args.warmup)
+    args, overrides = parser.parse_known_args(argv)  # the rest: CLI overrides, e.g. --data.envs_per_actor=64
+    overrides = [arg for arg in overrides if arg != "--"]
+    result = measure_collector(args.config, overrides, args.seconds, args.warmup)
     print_table(
         "Collector: actors + UnrollStream, no learner",
         ["env", "actors x envs", "T", "frames/s", "start-up s"],

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR_VARIABLE = "LIT_IMPALA_BENCHMARK_DIR"  # where results go instead (the tests' smoke runs)
 
 
 def machine() -> dict:
@@ -68,8 +69,9 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
 
 def write_result(name: str, result: dict) -> Path:
     """Write ``result`` (plus the machine facts and a timestamp) to ``benchmarks/results/<name>.json``."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}.json"
+    results_dir = Path(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
     payload = {"benchmark": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), **result}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -1,10 +1,11 @@
 """Fit: the whole ``fit`` loop at steady state, as a fraction of the ceiling measured in the same run.
 
 Builds the run from the YAML exactly as ``python -m lit_impala fit`` does (logger and checkpoints
-included), trains for ``--warmup`` seconds after the first batch (start-up, first weights, JIT-free
-warm caches), then measures for ``--seconds``: env frames consumed by the learner per second, learner
+included), trains for ``--warmup`` seconds after the first batch (past start-up and the first weights), then measures for ``--seconds``: env frames consumed by the learner per second, learner
 updates per second, the fraction of wall time the learner waited for data, and the policy lag of the
-batches it learnt from. The ceiling (see ``benchmarks.ceiling``) is measured first, in this process,
+batches it learnt from, and the mean episode length at the end (long episodes mean fewer env resets,
+which cost the actors more than steps: ``--model.lr=1e-12`` holds the policy near its random init
+for the worst case). The ceiling (see ``benchmarks.ceiling``) is measured first, in this process,
 with the same env count and network.
 
     python -m benchmarks.fit --config configs/cartpole.yaml
@@ -53,6 +54,9 @@ class ThroughputProbe(L.Callback):
         self.max_lag = max(self.max_lag, int(lag.max().item()))
         if now - self.window_start[0] >= self.seconds:
             self.window_end = (now, module.env_frames, trainer.global_step)
+            # Episode length sets how often envs reset, which costs the actors more than a step.
+            lengths = module.episode_lengths
+            self.mean_episode_length = sum(lengths) / len(lengths) if lengths else float("nan")
             trainer.should_stop = True
 
     def summary(self) -> dict:
@@ -68,6 +72,7 @@ class ThroughputProbe(L.Callback):
             "learner_wait_fraction": self.wait_s / (t1 - t0),
             "policy_lag_mean": sum(self.lags) / len(self.lags),
             "policy_lag_max": self.max_lag,
+            "mean_episode_length": self.mean_episode_length,
         }
 
 
@@ -98,18 +103,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds at steady state")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of training before timing")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0)
-    parser.add_argument("overrides", nargs="*", help="extra CLI arguments, e.g. --data.envs_per_actor=64")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: CLI overrides, e.g. --data.envs_per_actor=64
+    overrides = [arg for arg in overrides if arg != "--"]
 
-    ceiling = measure_ceiling(args.config, args.overrides, args.ceiling_seconds)
-    fit = measure_fit(args.config, args.overrides, args.seconds, args.warmup)
+    ceiling = measure_ceiling(args.config, overrides, args.ceiling_seconds)
+    fit = measure_fit(args.config, overrides, args.seconds, args.warmup)
     ratio = fit["frames_per_second"] / ceiling["frames_per_second"]
     print_table(
         f"Fit at steady state vs the ceiling ({fit['env_id']}, {fit['num_actors']} actors x {fit['envs_per_actor']} envs, "
         f"{fit['frames_per_update']} frames/update, learner on {fit['learner_device']})",
-        ["ceiling frames/s", "fit frames/s", "fit / ceiling", "updates/s", "learner waits", "lag mean", "lag max"],
+        ["ceiling frames/s", "fit frames/s", "fit / ceiling", "updates/s", "learner waits", "lag mean", "lag max",
+         "episode length"],
         [[ceiling["frames_per_second"], fit["frames_per_second"], ratio, fit["updates_per_second"],
-          f"{fit['learner_wait_fraction']:.0%}", fit["policy_lag_mean"], fit["policy_lag_max"]]],
+          f"{fit['learner_wait_fraction']:.0%}", fit["policy_lag_mean"], fit["policy_lag_max"],
+          fit["mean_episode_length"]]],
     )
     result = {"ceiling": ceiling, "fit": fit, "fit_over_ceiling": ratio}
     write_result("fit", result)

@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="configs/cartpole.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per seed before giving up")
-    parser.add_argument("overrides", nargs="*", help="extra CLI arguments")
-    args = parser.parse_args(argv)
+    args, overrides = parser.parse_known_args(argv)  # the rest: CLI overrides, e.g. --data.envs_per_actor=64
+    overrides = [arg for arg in overrides if arg != "--"]
 
     runs = []
     for seed in args.seeds:
-        run = solve_once(args.config, seed, args.overrides, args.timeout)
+        run = solve_once(args.config, seed, overrides, args.timeout)
         runs.append(run)
         status = f"{run['wall_seconds']:.1f} s, {run['frames']} frames" if run["solved"] else "not solved"
         print(f"seed {seed}: {status}", flush=True)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(["range", "", f"{min(walls):.1f}-{max(walls):.1f}", f"{min(frames)}-{max(frames)}", ""])
     print_table(f"Time to solve ({args.config}), wall from process start",
                 ["seed", "solved", "wall s", "frames", "return"], rows)
-    result = {"config": args.config, "overrides": args.overrides, "runs": runs, **summary}
+    result = {"config": args.config, "overrides": overrides, "runs": runs, **summary}
     write_result("time_to_solve", result)
     return result
 

@@ -1,0 +1,50 @@
+"""The benchmarks run end to end on tiny budgets (their figures are not asserted here: speed targets
+live in the benchmarks' own output, not in timed tests)."""
+
+import json
+
+import pytest
+
+from benchmarks import ceiling, collector, fit, vtrace
+from benchmarks.common import RESULTS_DIR_VARIABLE
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cartpole.yaml")
+SMALL = ["--data.envs_per_actor=4", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+         "--trainer.callbacks=null"]
+
+
+@pytest.fixture(autouse=True)
+def results_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv(RESULTS_DIR_VARIABLE, str(tmp_path / "results"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "results"
+
+
+def read(results_dir, name):
+    payload = json.loads((results_dir / f"{name}.json").read_text())
+    assert payload["machine"]["cores"] >= 1 and payload["machine"]["torch"]
+    return payload
+
+
+def test_vtrace_benchmark_checks_agreement_and_writes_rows(results_in_tmp):
+    vtrace.main(["--lengths", "20", "--batches", "32", "--min-run-time", "0.01"])
+    rows = read(results_in_tmp, "vtrace")["rows"]
+    cpu = [r for r in rows if r["device"] == "cpu"]
+    assert len(cpu) == 1 and cpu[0]["max_abs_diff"] < 1e-4 and cpu[0]["speedup"] > 0
+
+
+def test_ceiling_and_collector_benchmarks(results_in_tmp):
+    ceiling.main(["--config", CONFIG, "--seconds", "0.5", *SMALL])
+    assert read(results_in_tmp, "ceiling")["num_envs"] == 2 * 4
+    collector.main(["--config", CONFIG, "--seconds", "1", "--warmup", "0.5", *SMALL])
+    result = read(results_in_tmp, "collector")
+    assert result["frames"] > 0 and result["frames"] % (4 * 20) == 0  # whole unrolls of T = 20
+
+
+def test_fit_benchmark_measures_a_window(results_in_tmp):
+    fit.main(["--config", CONFIG, "--seconds", "1", "--warmup", "0.5", "--ceiling-seconds", "0.5", *SMALL,
+              "--data.batch_size=8"])
+    result = read(results_in_tmp, "fit")
+    assert result["fit"]["updates"] >= 1 and 0 <= result["fit"]["learner_wait_fraction"] <= 1
+    assert result["fit_over_ceiling"] > 0
