@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seconds", type=float, default=20.0, help="timed seconds at steady state")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds of training before timing")
     parser.add_argument("--ceiling-seconds", type=float, default=10.0)
+    parser.add_argument("--name", default="fit", help="result file name (results/<name>.json)")
     args, overrides = parser.parse_known_args(argv)  # the rest: CLI overrides, e.g. --data.envs_per_actor=64
     overrides = [arg for arg in overrides if arg != "--"]
 
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
           fit["mean_episode_length"]]],
     )
     result = {"ceiling": ceiling, "fit": fit, "fit_over_ceiling": ratio}
-    write_result("fit", result)
+    write_result(args.name, result)
     return result
 
 
