@@ -92,6 +92,7 @@ def make_gym_env(
     observation_key: str | None = None,
     hide_observation_indices: list[int] | None = None,
     check_env: bool = True,
+    render_mode: str | None = None,
 ) -> gym.Env:
     """One gymnasium env with the observation wrappers the options ask for.
 
@@ -102,10 +103,12 @@ def make_gym_env(
         hide_observation_indices: components of a vector observation hidden from the agent.
         check_env: keep gymnasium's ``PassiveEnvChecker``. Actor copies drop it: it is one more Python
             call per env step, and the same env was already built with it by ``describe_env``.
+        render_mode: gymnasium's ``render_mode``, e.g. ``"rgb_array"`` for ``env.render()`` to return
+            ``[H, W, 3]`` uint8 frames (evaluation videos); None (default): the env does not render.
     """
     _import_env_module(env_id)
     kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    env = gym.make(env_id, disable_env_checker=not check_env, **kwargs)
+    env = gym.make(env_id, disable_env_checker=not check_env, render_mode=render_mode, **kwargs)
     if observation_key is not None:
         if not isinstance(env.observation_space, gym.spaces.Dict) or observation_key not in env.observation_space.spaces:
             env.close()
