@@ -6,6 +6,7 @@ terms -> log. After every optimizer step ``ActorWeightSync`` publishes the new w
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import deque
@@ -13,13 +14,16 @@ from functools import partial
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from tensordict import TensorDictBase
 from torch import Tensor
 
 from lit_impala import vtrace
-from lit_impala.callbacks import ActorWeightSync
+from lit_impala.callbacks import ActorWeightSync, FinalCheckpoint, GracefulInterrupt
 from lit_impala.distributions import make_distribution
 from lit_impala.envs import action_space_from_spec
+from lit_impala.evaluation import run_episodes
+from lit_impala.histograms import log_histograms
 from lit_impala.losses import REDUCTIONS, impala_loss
 from lit_impala.networks import ImpalaAgent
 from lit_impala.trajectory import bootstrap_targets, to_time_major
@@ -71,6 +75,7 @@ class ImpalaModule(L.LightningModule):
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes
             reaches this value (None: run to ``trainer.max_steps``).
         return_window: number of recent episodes the logged mean return is taken over.
+        test_deterministic: ``test`` acts with the policy's mode (argmax / mean) rather than samples.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class ImpalaModule(L.LightningModule):
         sync_every: int = 1,
         stop_at_return: float | None = None,
         return_window: int = 100,
+        test_deterministic: bool = True,
     ):
         super().__init__()
         _check(all(d >= 1 for d in observation_shape), f"observation_shape must be positive, got {observation_shape}")
@@ -145,10 +151,13 @@ class ImpalaModule(L.LightningModule):
         self.episode_returns: deque[float] = deque(maxlen=return_window)
         self.episode_lengths: deque[float] = deque(maxlen=return_window)
         self._grad_norm = torch.zeros(())
-        self._clock: tuple[float, int] | None = None  # (time, env_frames) at the last log
+        self._clock: tuple[float, int, int, float] | None = None  # (time, env_frames, step, waited) at the last log
+        self._batch_end_time: float | None = None
+        self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
+        self._batch_frames, self._batch_episodes = 0, ([], [])  # this update's, counted once it is applied
 
     def configure_callbacks(self):
-        return [ActorWeightSync(self.hparams.sync_every)]
+        return [ActorWeightSync(self.hparams.sync_every), FinalCheckpoint(), GracefulInterrupt()]
 
     # --- learning ---------------------------------------------------------------------------------
 
@@ -194,19 +203,21 @@ class ImpalaModule(L.LightningModule):
         if self.network.normalizer is not None:
             # After this batch's loss, so the loss used the statistics the actors acted with.
             self.network.normalizer.update(trajectory.observation.flatten(0, 1))
-        self.env_frames += T * B
-        self._record_episodes(trajectory)
+        # Counted in optimizer_step, once the update is applied: a checkpoint (even one a callback
+        # writes in on_train_batch_end) never holds the frames of an update whose weights it lacks.
+        self._batch_frames = T * B
+        self._batch_episodes = self._finished_episodes(trajectory)
         if self._should_log():
             rhos = log_rhos.exp()
             lag = (self.global_step - trajectory.policy_version).float()
             self.log_dict(
                 {
+                    **importance_weight_stats(rhos, hp.clip_rho_threshold, hp.clip_c_threshold, hp.clip_pg_rho_threshold),
                     "loss/total": terms.total.detach(),
                     "loss/policy": terms.policy.detach(),
                     "loss/baseline": terms.baseline.detach(),
                     "loss/entropy": terms.entropy.detach(),
                     "entropy": entropy.detach().mean(),
-                    "rho/mean": rhos.mean(),
                     "policy_lag/mean": lag.mean(),
                     "policy_lag/max": lag.max(),
                     "value/mean": output.baseline.detach().mean(),
@@ -215,11 +226,12 @@ class ImpalaModule(L.LightningModule):
             )
         return terms.total
 
-    def _record_episodes(self, trajectory) -> None:
+    @staticmethod
+    def _finished_episodes(trajectory) -> tuple[list[float], list[float]]:
         done = trajectory.done
-        if done.any():
-            self.episode_returns.extend(trajectory.episode_return[done].tolist())
-            self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+        if not done.any():
+            return [], []
+        return trajectory.episode_return[done].tolist(), trajectory.episode_length[done].tolist()
 
     def _should_log(self) -> bool:
         return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
@@ -229,26 +241,49 @@ class ImpalaModule(L.LightningModule):
         """Mean return of the last ``return_window`` finished episodes (nan before the first)."""
         return sum(self.episode_returns) / len(self.episode_returns) if self.episode_returns else math.nan
 
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.env_frames += self._batch_frames
+        self.episode_returns.extend(self._batch_episodes[0])
+        self.episode_lengths.extend(self._batch_episodes[1])
+        self._batch_frames, self._batch_episodes = 0, ([], [])
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # The clip is a model hyper-parameter here (the paper's 40); the norm is logged either way.
         max_norm = self.hparams.max_grad_norm or gradient_clip_val or math.inf
         self._grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Lightning fetched this batch just before: the gap since the last step is data wait.
+        now = time.perf_counter()
+        if self._batch_end_time is not None:
+            self._data_wait_s += now - self._batch_end_time
+
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # Runs after the optimizer step: global_step already counts this update.
+        now = time.perf_counter()
+        self._batch_end_time = now
         if self._should_log():
-            now = time.perf_counter()
             metrics = {
                 "env_frames": float(self.env_frames),
                 "grad_norm": float(self._grad_norm),
                 "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             }
             if self._clock is not None and now > self._clock[0]:
-                metrics["frames_per_second"] = (self.env_frames - self._clock[1]) / (now - self._clock[0])
-            self._clock = (now, self.env_frames)
+                then, frames, step, waited = self._clock
+                metrics["frames_per_second"] = (self.env_frames - frames) / (now - then)
+                metrics["updates_per_second"] = (self.global_step - step) / (now - then)
+                metrics["time/data_wait_fraction"] = (self._data_wait_s - waited) / (now - then)
+                self.log("fps", metrics["frames_per_second"], prog_bar=True)
+            self._clock = (now, self.env_frames, self.global_step, self._data_wait_s)
             if self.episode_returns:
                 metrics["episode/return"] = self.mean_return
                 metrics["episode/length"] = sum(self.episode_lengths) / len(self.episode_lengths)
+                log_histograms(
+                    self.loggers,
+                    {"episode/return_hist": list(self.episode_returns), "episode/length_hist": list(self.episode_lengths)},
+                    self.global_step,
+                )
             self.log_dict(metrics, prog_bar=False)
             self.log("return", self.mean_return if self.episode_returns else 0.0, prog_bar=True)
             self.log("frames", float(self.env_frames), prog_bar=True)
@@ -279,6 +314,38 @@ class ImpalaModule(L.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_linear_decay, total_steps=total_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    # --- test: full episodes on a fresh env with the (checkpoint's) weights -------------------------
+
+    def on_test_epoch_start(self) -> None:
+        self._test_returns: list[float] = []
+        self._test_lengths: list[int] = []
+
+    def test_step(self, episode_seed: int, batch_idx: int) -> None:
+        data = self.trainer.datamodule
+        result = run_episodes(
+            copy.deepcopy(self.network).cpu().eval(),
+            data.hparams.env_id,
+            data.env_options,
+            num_episodes=1,
+            deterministic=self.hparams.test_deterministic,
+            seed=int(episode_seed),
+        )
+        self._test_returns.extend(result.returns)
+        self._test_lengths.extend(result.lengths)
+
+    def on_test_epoch_end(self) -> None:
+        returns = torch.tensor(self._test_returns, dtype=torch.float64)
+        mean, std = returns.mean().item(), returns.std(unbiased=False).item()
+        self.log_dict(
+            {"test/return_mean": mean, "test/return_std": std, "test/length_mean": sum(self._test_lengths) / len(self._test_lengths),
+             "test/episodes": float(len(self._test_returns))}
+        )
+        self.print(
+            f"Test: mean return {mean:.1f} +- {std:.1f} (std) over {len(self._test_returns)} episodes "
+            f"({'deterministic' if self.hparams.test_deterministic else 'sampled'} actions), "
+            f"weights of update {self.global_step}."
+        )
+
     # --- checkpoint state beyond the weights and optimizer -----------------------------------------
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -286,6 +353,8 @@ class ImpalaModule(L.LightningModule):
             "env_frames": self.env_frames,
             "episode_returns": list(self.episode_returns),
             "episode_lengths": list(self.episode_lengths),
+            # A resumed run continues the same W&B run (see cli.ImpalaCLI.before_fit).
+            "wandb_run_id": next((lg.experiment.id for lg in self.loggers if isinstance(lg, WandbLogger)), None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -293,6 +362,31 @@ class ImpalaModule(L.LightningModule):
         self.env_frames = int(state.get("env_frames", 0))
         self.episode_returns.extend(state.get("episode_returns", []))
         self.episode_lengths.extend(state.get("episode_lengths", []))
+
+
+def importance_weight_stats(
+    rhos: Tensor, rho_bar: float | None, c_bar: float | None, pg_rho_bar: float | None
+) -> dict[str, Tensor]:
+    """How off-policy a batch is, from its importance weights ``rhos = pi / mu``, ``[T, B]``.
+
+    ``rho/clipped_by_*``: fraction of steps whose weight each threshold cuts (0 when it is None).
+    ``rho/ess``: effective sample size ``(sum rho)^2 / (N sum rho^2)`` in (0, 1]: 1 when every weight
+    is equal (on-policy), small when a few steps carry all the weight.
+    """
+    rhos = rhos.detach().float()
+
+    def clipped(threshold: float | None) -> Tensor:
+        return (rhos > threshold).float().mean() if threshold is not None else rhos.new_zeros(())
+
+    return {
+        "rho/mean": rhos.mean(),
+        "rho/min": rhos.min(),
+        "rho/max": rhos.max(),
+        "rho/clipped_by_rho_bar": clipped(rho_bar),
+        "rho/clipped_by_c_bar": clipped(c_bar),
+        "rho/clipped_by_pg_rho_bar": clipped(pg_rho_bar),
+        "rho/ess": rhos.sum().square() / (rhos.numel() * rhos.square().sum()).clamp_min(1e-12),
+    }
 
 
 def _linear_decay(step: int, total_steps: int) -> float:
