@@ -10,7 +10,9 @@ core state each step started from.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
+import signal
 import time
 from collections.abc import Callable
 
@@ -108,4 +110,8 @@ class ActingPolicy(TensorDictModuleBase):
 def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
     """Policy factory run inside each actor process: a fresh network that takes its weights from
     ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
+    if multiprocessing.parent_process() is not None:
+        # Ctrl-C reaches the whole process group; the learner owns the actors and shuts them down
+        # itself after its last update (callbacks.GracefulInterrupt), so actors ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     return ActingPolicy(network_factory(), mailbox)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from functools import partial
 
 import lightning as L
+import numpy as np
 import torch
 from tensordict import TensorDictBase
 from torch import nn
@@ -82,6 +83,7 @@ class ImpalaDataModule(L.LightningDataModule):
         sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
             them (torchrl ``MultiAsyncCollector``); ``True``: all actors finish a round together
             (``MultiSyncCollector``), for debugging and for on-policy comparisons.
+        test_episodes: full episodes ``test`` runs on a fresh env (seeded from ``seed``).
     """
 
     def __init__(
@@ -96,9 +98,10 @@ class ImpalaDataModule(L.LightningDataModule):
         observation_key: str | None = None,
         hide_observation_indices: list[int] | None = None,
         sync_actors: bool = False,
+        test_episodes: int = 20,
     ):
         super().__init__()
-        for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size"):
+        for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "test_episodes"):
             _positive_int(name, locals()[name])
         if max_episode_steps is not None:
             _positive_int("max_episode_steps", max_episode_steps)
@@ -182,12 +185,13 @@ class ImpalaDataModule(L.LightningDataModule):
             self.mailbox.close()
             self.mailbox = None
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit":
+    def train_dataloader(self) -> DataLoader:
+        # The actors start here, not in setup(): Lightning restores a checkpoint after setup() and
+        # before asking for the dataloader, so the first unrolls are acted with the restored weights
+        # and tagged with the restored update count.
+        if self.collector is None:
             module = self.trainer.lightning_module
             self.start_actors(module.network, module.network_factory, module.global_step, self.trainer.global_rank)
-
-    def train_dataloader(self) -> DataLoader:
         # The collector is already parallel: num_workers=0 (worker copies would never get new
         # weights), batch_size=None and an identity collate (batches are ready-made TensorDicts).
         return DataLoader(
@@ -196,6 +200,11 @@ class ImpalaDataModule(L.LightningDataModule):
             num_workers=0,
             collate_fn=_identity,
         )
+
+    def test_dataloader(self) -> DataLoader:
+        # One item per test episode: its env seed (the episodes run in ImpalaModule.test_step).
+        seeds = [int(s) for s in np.random.SeedSequence([self.env_seed, 7]).generate_state(self.hparams.test_episodes)]
+        return DataLoader(seeds, batch_size=None, num_workers=0)
 
     def teardown(self, stage: str) -> None:
         self.stop_actors()
