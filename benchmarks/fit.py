@@ -6,7 +6,8 @@ updates per second, the fraction of wall time the learner waited for data, and t
 batches it learnt from, and the mean episode length at the end (long episodes mean fewer env resets,
 which cost the actors more than steps: ``--model.lr=1e-12`` holds the policy near its random init
 for the worst case). The ceiling (see ``benchmarks.ceiling``) is measured first, in this process,
-with the same env count and network.
+with the same env count and network. The config's ``EvaluationCallback`` is left out (see
+``measure_fit``).
 
     python -m benchmarks.fit --config configs/cartpole.yaml
 """
@@ -20,6 +21,7 @@ import lightning as L
 
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.common import build_run, print_table, write_result
+from lit_impala.evaluation import EvaluationCallback
 
 
 class ThroughputProbe(L.Callback):
@@ -81,6 +83,9 @@ def measure_fit(config: str, overrides: list[str], seconds: float, warmup: float
     overrides = ["--model.stop_at_return=null", "--trainer.max_steps=1000000", "--trainer.enable_progress_bar=false",
                  *overrides]
     cli = build_run(config, overrides)
+    # Evaluation is a periodic side job whose cost depends on its own settings (episodes, video): it is
+    # left out so the figure is the training pipeline's. time_to_solve keeps it.
+    cli.trainer.callbacks[:] = [cb for cb in cli.trainer.callbacks if not isinstance(cb, EvaluationCallback)]
     probe = ThroughputProbe(warmup, seconds)
     cli.trainer.callbacks.append(probe)
     cli.trainer.fit(cli.model, cli.datamodule)
