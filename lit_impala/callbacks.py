@@ -78,7 +78,11 @@ class GracefulInterrupt(L.Callback):
               "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.interrupted_by is not None:
+        interrupted = self.interrupted_by is not None
+        if trainer.world_size > 1:
+            # DDP: all ranks stop after the same update, or the others would wait in an all-reduce forever.
+            interrupted = trainer.strategy.reduce_boolean_decision(interrupted, all=False)
+        if interrupted:
             trainer.should_stop = True
 
     def _restore(self) -> None:

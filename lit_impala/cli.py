@@ -32,8 +32,12 @@ class ImpalaCLI(LightningCLI):
     def after_fit(self) -> None:
         trainer = self.trainer
         module = trainer.lightning_module
-        lines = [f"Training stopped after {trainer.global_step} updates and {module.env_frames} env frames; "
-                 f"mean return of the last {len(module.episode_returns)} episodes: {module.mean_return:.1f}."]
+        progress = module.progress  # summed / averaged over DDP ranks
+        frames = int(progress.env_frames) if progress else module.env_frames
+        episodes = progress.episodes if progress else 0
+        mean_return = progress.mean_return if progress else float("nan")
+        lines = [f"Training stopped after {trainer.global_step} updates and {frames} env frames; "
+                 f"mean return of the last {episodes} episodes: {mean_return:.1f}."]
         for logger in trainer.loggers:
             lines.append(f"Logs ({type(logger).__name__}): {_log_location(logger)}")
         if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:

@@ -11,6 +11,7 @@ import math
 import time
 from collections import deque
 from functools import partial
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -27,6 +28,16 @@ from lit_impala.histograms import log_histograms
 from lit_impala.losses import REDUCTIONS, impala_loss
 from lit_impala.networks import ImpalaAgent
 from lit_impala.trajectory import bootstrap_targets, to_time_major
+
+
+class Progress(NamedTuple):
+    """Training progress over all ranks: frames consumed and the recent-episode window of each rank."""
+
+    env_frames: float
+    episodes: int
+    mean_return: float
+    mean_length: float
+    windows_full: bool  # every rank has ``return_window`` finished episodes
 
 
 def _check(condition: bool, message: str) -> None:
@@ -155,6 +166,7 @@ class ImpalaModule(L.LightningModule):
         self._batch_end_time: float | None = None
         self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
         self._batch_frames, self._batch_episodes = 0, ([], [])  # this update's, counted once it is applied
+        self.progress: Progress | None = None  # over all ranks, as of the last update
 
     def configure_callbacks(self):
         return [ActorWeightSync(self.hparams.sync_every), FinalCheckpoint(), GracefulInterrupt()]
@@ -210,19 +222,24 @@ class ImpalaModule(L.LightningModule):
         if self._should_log():
             rhos = log_rhos.exp()
             lag = (self.global_step - trajectory.policy_version).float()
+            weight_stats = importance_weight_stats(rhos, hp.clip_rho_threshold, hp.clip_c_threshold, hp.clip_pg_rho_threshold)
+            # DDP: extremes over all ranks, everything else the mean over ranks (no-op on one device).
+            self.log("policy_lag/max", lag.max(), batch_size=B, sync_dist=True, reduce_fx="max")
+            self.log("rho/max", weight_stats.pop("rho/max"), batch_size=B, sync_dist=True, reduce_fx="max")
+            self.log("rho/min", weight_stats.pop("rho/min"), batch_size=B, sync_dist=True, reduce_fx="min")
             self.log_dict(
                 {
-                    **importance_weight_stats(rhos, hp.clip_rho_threshold, hp.clip_c_threshold, hp.clip_pg_rho_threshold),
+                    **weight_stats,
                     "loss/total": terms.total.detach(),
                     "loss/policy": terms.policy.detach(),
                     "loss/baseline": terms.baseline.detach(),
                     "loss/entropy": terms.entropy.detach(),
                     "entropy": entropy.detach().mean(),
                     "policy_lag/mean": lag.mean(),
-                    "policy_lag/max": lag.max(),
                     "value/mean": output.baseline.detach().mean(),
                 },
                 batch_size=B,
+                sync_dist=True,
             )
         return terms.total
 
@@ -263,41 +280,62 @@ class ImpalaModule(L.LightningModule):
         # Runs after the optimizer step: global_step already counts this update.
         now = time.perf_counter()
         self._batch_end_time = now
+        progress = self.progress = self._progress_across_ranks()
         if self._should_log():
             metrics = {
-                "env_frames": float(self.env_frames),
+                "env_frames": progress.env_frames,
                 "grad_norm": float(self._grad_norm),
                 "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
             }
             if self._clock is not None and now > self._clock[0]:
                 then, frames, step, waited = self._clock
-                metrics["frames_per_second"] = (self.env_frames - frames) / (now - then)
+                metrics["frames_per_second"] = (progress.env_frames - frames) / (now - then)
                 metrics["updates_per_second"] = (self.global_step - step) / (now - then)
                 metrics["time/data_wait_fraction"] = (self._data_wait_s - waited) / (now - then)
                 self.log("fps", metrics["frames_per_second"], prog_bar=True)
-            self._clock = (now, self.env_frames, self.global_step, self._data_wait_s)
-            if self.episode_returns:
-                metrics["episode/return"] = self.mean_return
-                metrics["episode/length"] = sum(self.episode_lengths) / len(self.episode_lengths)
-                log_histograms(
+            self._clock = (now, progress.env_frames, self.global_step, self._data_wait_s)
+            if progress.episodes:
+                metrics["episode/return"] = progress.mean_return
+                metrics["episode/length"] = progress.mean_length
+                log_histograms(  # this rank's episodes
                     self.loggers,
                     {"episode/return_hist": list(self.episode_returns), "episode/length_hist": list(self.episode_lengths)},
                     self.global_step,
                 )
             self.log_dict(metrics, prog_bar=False)
-            self.log("return", self.mean_return if self.episode_returns else 0.0, prog_bar=True)
-            self.log("frames", float(self.env_frames), prog_bar=True)
+            self.log("return", progress.mean_return if progress.episodes else 0.0, prog_bar=True)
+            self.log("frames", progress.env_frames, prog_bar=True)
         target = self.hparams.stop_at_return
-        if (
-            target is not None
-            and len(self.episode_returns) == self.hparams.return_window
-            and self.mean_return >= target
-        ):
+        if target is not None and progress.windows_full and progress.mean_return >= target:
             self.print(
-                f"Reached a mean return of {self.mean_return:.1f} over the last {self.hparams.return_window} episodes "
-                f"(target {target}) after {self.env_frames} env frames and {self.global_step} updates: stopping."
+                f"Reached a mean return of {progress.mean_return:.1f} over the last {progress.episodes} episodes "
+                f"(target {target}) after {int(progress.env_frames)} env frames and {self.global_step} updates: stopping."
             )
-            self.trainer.should_stop = True
+            self.trainer.should_stop = True  # the same decision on every rank: progress is global
+
+    def _progress_across_ranks(self) -> Progress:
+        """Env frames and recent episodes summed over all DDP ranks (one all-reduce per update, none
+        without DDP), so every rank logs the same global figures and takes the same stop decision."""
+        local = torch.tensor(
+            [
+                self.env_frames,
+                sum(self.episode_returns),
+                len(self.episode_returns),
+                sum(self.episode_lengths),
+                float(len(self.episode_returns) == self.hparams.return_window),
+            ],
+            dtype=torch.float64,
+        )
+        if self.trainer.world_size > 1:
+            local = self.trainer.strategy.reduce(local.to(self.device), reduce_op="sum").cpu()
+        frames, return_sum, episodes, length_sum, full = local.tolist()
+        return Progress(
+            env_frames=frames,
+            episodes=int(episodes),
+            mean_return=return_sum / episodes if episodes else math.nan,
+            mean_length=length_sum / episodes if episodes else math.nan,
+            windows_full=int(full) == self.trainer.world_size,
+        )
 
     def configure_optimizers(self):
         hp = self.hparams
