@@ -19,6 +19,8 @@ import numpy as np
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
 from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
 
+from lit_impala.atari import is_atari_id, make_atari_env, register_atari_envs
+
 EPISODE_RETURN_KEY = "episode_reward"  # written by torchrl's RewardSum: running return of the episode
 EPISODE_LENGTH_KEY = "step_count"  # written by torchrl's StepCounter: steps taken in the episode
 IS_INIT_KEY = "is_init"  # written by torchrl's InitTracker: this step's observation starts an episode
@@ -84,6 +86,8 @@ def _import_env_module(env_id: str) -> None:
             importlib.import_module(module)
         except ImportError as error:
             raise ValueError(f"Env id {env_id!r} needs the module {module!r}, which cannot be imported: {error}") from error
+    elif is_atari_id(env_id):
+        register_atari_envs(env_id)  # ALE ids exist in gymnasium's registry once ale-py is imported
 
 
 def make_gym_env(
@@ -93,6 +97,7 @@ def make_gym_env(
     hide_observation_indices: list[int] | None = None,
     check_env: bool = True,
     render_mode: str | None = None,
+    atari_options: dict | None = None,
 ) -> gym.Env:
     """One gymnasium env with the observation wrappers the options ask for.
 
@@ -105,18 +110,27 @@ def make_gym_env(
             call per env step, and the same env was already built with it by ``describe_env``.
         render_mode: gymnasium's ``render_mode``, e.g. ``"rgb_array"`` for ``env.render()`` to return
             ``[H, W, 3]`` uint8 frames (evaluation videos); None (default): the env does not render.
+        atari_options: for Atari ids (``ALE/Pong-v5``), ``make_atari_env``'s preprocessing options, e.g.
+            ``{"terminal_on_life_loss": True}``; None: the DQN / IMPALA defaults (``[4, 84, 84]`` uint8
+            frames). Atari envs are built by ``make_atari_env`` whether or not this is given.
     """
     _import_env_module(env_id)
-    kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
-    env = gym.make(env_id, disable_env_checker=not check_env, render_mode=render_mode, **kwargs)
+    atari = is_atari_id(env_id)
+    if atari:
+        env = make_atari_env(env_id, max_episode_steps=max_episode_steps, render_mode=render_mode, **(atari_options or {}))
+    elif atari_options:
+        raise ValueError(f"atari_options {atari_options!r} were given for {env_id!r}, which is not an Atari (ALE) env")
+    else:
+        kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+        env = gym.make(env_id, disable_env_checker=not check_env, render_mode=render_mode, **kwargs)
     if observation_key is not None:
         if not isinstance(env.observation_space, gym.spaces.Dict) or observation_key not in env.observation_space.spaces:
             env.close()
             raise ValueError(f"observation_key {observation_key!r} is not an entry of {env_id!r}'s observation space {env.observation_space}")
         env = SelectObservationKey(env, observation_key)
     space = env.observation_space
-    if isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
-        env = ChannelsFirst(env)
+    if not atari and isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
+        env = ChannelsFirst(env)  # Atari frame stacks are already [C, H, W]
     if hide_observation_indices:
         if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
             env.close()
