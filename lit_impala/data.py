@@ -84,6 +84,9 @@ class ImpalaDataModule(L.LightningDataModule):
             them (torchrl ``MultiAsyncCollector``); ``True``: all actors finish a round together
             (``MultiSyncCollector``), for debugging and for on-policy comparisons.
         test_episodes: full episodes ``test`` runs on a fresh env (seeded from ``seed``).
+        atari_options: for ALE ids, keyword arguments of ``lit_impala.atari.make_atari_env``
+            (``noop_max``, ``frame_skip``, ``screen_size``, ``frame_stack``, ``terminal_on_life_loss``,
+            ``repeat_action_probability``, ``full_action_space``); defaults are the IMPALA paper's.
     """
 
     def __init__(
@@ -99,6 +102,7 @@ class ImpalaDataModule(L.LightningDataModule):
         hide_observation_indices: list[int] | None = None,
         sync_actors: bool = False,
         test_episodes: int = 20,
+        atari_options: dict | None = None,
     ):
         super().__init__()
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "test_episodes"):
@@ -111,6 +115,7 @@ class ImpalaDataModule(L.LightningDataModule):
             "max_episode_steps": max_episode_steps,
             "observation_key": observation_key,
             "hide_observation_indices": hide_observation_indices,
+            **({"atari_options": atari_options} if atari_options is not None else {}),
         }
         self.env_facts = describe_env(env_id, **self.env_options)
         self.collector = None

@@ -16,14 +16,18 @@ from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
+import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from torchrl.data import Categorical
 from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.libs.gym import default_info_dict_reader
 
 from lit_impala.atari import is_atari_id, make_atari_env, register_atari_envs
 
 EPISODE_RETURN_KEY = "episode_reward"  # written by torchrl's RewardSum: running return of the episode
 EPISODE_LENGTH_KEY = "step_count"  # written by torchrl's StepCounter: steps taken in the episode
 IS_INIT_KEY = "is_init"  # written by torchrl's InitTracker: this step's observation starts an episode
+LIFE_LOST_KEY = "life_lost"  # Atari with terminal_on_life_loss: a life was lost at this step (learning only)
 
 
 class EnvFacts(NamedTuple):
@@ -190,7 +194,14 @@ def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, **optio
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
     )
-    env = TransformedEnv(GymWrapper(vector_env, categorical_action_encoding=True), InitTracker())
+    base_env = GymWrapper(vector_env, categorical_action_encoding=True)
+    if (options.get("atari_options") or {}).get("terminal_on_life_loss"):
+        # The learner treats a lost life as the end of an episode (the game itself goes on, and so
+        # does the logged return): lit_impala.atari.LifeLossInfo puts the flag in the step info.
+        base_env.set_info_dict_reader(
+            default_info_dict_reader([LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)})
+        )
+    env = TransformedEnv(base_env, InitTracker())
     env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
     env.append_transform(StepCounter())
     if seed is not None:

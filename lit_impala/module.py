@@ -69,6 +69,8 @@ class ImpalaModule(L.LightningModule):
             the learner, shipped to the actors with the weights, saved in checkpoints).
         discount: gamma, the per-step discount in [0, 1].
         reward_scale: rewards are multiplied by this for learning only (logged returns stay raw).
+        reward_clip: rewards are clipped to ``[-reward_clip, reward_clip]`` for learning only, before
+            ``reward_scale`` (Atari: 1.0); None: no clipping.
         baseline_coef: weight of the value (baseline) loss ``0.5 * (vs - V)^2``.
         ent_coef: weight of the entropy bonus.
         clip_rho_threshold: rho-bar, clips the importance weights of the value targets (None: no clip).
@@ -107,6 +109,7 @@ class ImpalaModule(L.LightningModule):
         normalize_observations: bool = False,
         discount: float = 0.99,
         reward_scale: float = 1.0,
+        reward_clip: float | None = None,
         baseline_coef: float = 0.5,
         ent_coef: float = 0.01,
         clip_rho_threshold: float | None = 1.0,
@@ -130,6 +133,7 @@ class ImpalaModule(L.LightningModule):
         _check(min(hidden_dim, feature_dim, lstm_hidden_dim) >= 1, f"hidden_dim, feature_dim and lstm_hidden_dim must be >= 1, got {hidden_dim}, {feature_dim}, {lstm_hidden_dim}")
         _check(0.0 <= discount <= 1.0, f"discount must be in [0, 1], got {discount}")
         _check(reward_scale > 0, f"reward_scale must be > 0, got {reward_scale}")
+        _check(reward_clip is None or reward_clip > 0, f"reward_clip must be > 0 or null (no clipping), got {reward_clip}")
         _check(0.0 <= lambda_ <= 1.0, f"lambda_ must be in [0, 1], got {lambda_}")
         for name in ("clip_rho_threshold", "clip_c_threshold", "clip_pg_rho_threshold", "max_grad_norm"):
             value = locals()[name]
@@ -192,7 +196,7 @@ class ImpalaModule(L.LightningModule):
             core_state = None if output.core_states is None else tuple(s[mask] for s in output.core_states)
             return self.network.step_value(trajectory.next_observation[mask], core_state)
 
-        targets = bootstrap_targets(trajectory, value_of_next, hp.discount, hp.reward_scale)
+        targets = bootstrap_targets(trajectory, value_of_next, hp.discount, hp.reward_scale, hp.reward_clip)
         log_rhos = target_log_prob.detach() - trajectory.behaviour_log_prob
         vtrace_returns = vtrace.from_importance_weights(
             log_rhos=log_rhos,

@@ -9,6 +9,9 @@ Episode-boundary rules, all decided here:
   ``r'_t = r_t + gamma * V(next_observation_t)``, and set ``discount_t = 0``: the target of step t
   is exact and no trace crosses into the next episode.
 * last step ``T-1`` not done: bootstrap from ``V(next_observation_{T-1})``.
+* step ``t`` lost a life (Atari with ``terminal_on_life_loss``): a termination for learning only, like
+  the DQN/IMPALA setting; the game, the actor's recurrent state and the logged return go on.
+* ``reward_clip`` clips rewards to ``[-c, c]`` for learning only (Atari: 1); logged returns stay raw.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from lit_impala.actor import (
     POLICY_SAMPLE_KEY,
     POLICY_VERSION_KEY,
 )
-from lit_impala.envs import EPISODE_LENGTH_KEY, EPISODE_RETURN_KEY, IS_INIT_KEY
+from lit_impala.envs import EPISODE_LENGTH_KEY, EPISODE_RETURN_KEY, IS_INIT_KEY, LIFE_LOST_KEY
 
 # Everything the learner reads from a collector batch; the dataset keeps only these keys
 # (the core-state keys exist only for recurrent policies).
@@ -44,6 +47,7 @@ BATCH_KEYS = [
     ("next", "truncated"),
     ("next", EPISODE_RETURN_KEY),
     ("next", EPISODE_LENGTH_KEY),
+    ("next", LIFE_LOST_KEY),  # only Atari with terminal_on_life_loss
 ]
 
 
@@ -62,6 +66,7 @@ class Trajectory(NamedTuple):
     episode_return: Tensor  # [T, B] running return; the finished episode's return where done
     episode_length: Tensor  # [T, B] running length; the finished episode's length where done
     initial_core_state: tuple[Tensor, Tensor] | None  # ([B, H], [B, H]) the actor's state entering t=0
+    life_lost: Tensor | None = None  # [T, B] bool, a life was lost at t: terminal for learning only
 
     @property
     def done(self) -> Tensor:
@@ -94,6 +99,7 @@ def to_time_major(batch: TensorDictBase) -> Trajectory:
         episode_return=get(("next", EPISODE_RETURN_KEY), per_step_scalar=True),
         episode_length=get(("next", EPISODE_LENGTH_KEY), per_step_scalar=True),
         initial_core_state=initial_core_state,
+        life_lost=batch.get(("next", LIFE_LOST_KEY)).transpose(0, 1) if ("next", LIFE_LOST_KEY) in batch.keys(True) else None,
     )
 
 
@@ -107,7 +113,11 @@ class BootstrapTargets(NamedTuple):
 
 @torch.no_grad()
 def bootstrap_targets(
-    trajectory: Trajectory, value_of_next: Callable[[Tensor], Tensor], discount: float, reward_scale: float = 1.0
+    trajectory: Trajectory,
+    value_of_next: Callable[[Tensor], Tensor],
+    discount: float,
+    reward_scale: float = 1.0,
+    reward_clip: float | None = None,
 ) -> BootstrapTargets:
     """Discounts, rewards and bootstrap value for V-trace from a trajectory.
 
@@ -118,12 +128,19 @@ def bootstrap_targets(
             Called once, for the last step and every truncated step.
         discount: gamma in [0, 1].
         reward_scale: factor applied to the env rewards (the values are already in that scale).
+        reward_clip: clip the env rewards to ``[-reward_clip, reward_clip]`` first (None: no clipping).
     """
-    truncated = trajectory.truncated & ~trajectory.terminated
+    terminated = trajectory.terminated
+    if trajectory.life_lost is not None:
+        terminated = terminated | trajectory.life_lost
+    truncated = trajectory.truncated & ~terminated
     needed = truncated.clone()
     needed[-1] = True
     next_values = torch.zeros(needed.shape, dtype=torch.float32, device=needed.device)
     next_values[needed] = value_of_next(needed).to(next_values.dtype)
-    rewards = reward_scale * trajectory.reward.to(next_values.dtype) + discount * truncated * next_values
-    discounts = discount * (~trajectory.done).to(rewards.dtype)
+    reward = trajectory.reward.to(next_values.dtype)
+    if reward_clip is not None:
+        reward = reward.clamp(-reward_clip, reward_clip)
+    rewards = reward_scale * reward + discount * truncated * next_values
+    discounts = discount * (~(terminated | trajectory.truncated)).to(rewards.dtype)
     return BootstrapTargets(discounts, rewards, next_values[-1])

@@ -109,3 +109,28 @@ def test_terminated_and_truncated_together_counts_as_terminated():
     targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA)
     assert targets.rewards[1, 0] == 1.0
     assert targets.discounts[1, 0] == 0.0
+
+
+def test_life_loss_is_a_termination_for_learning_only():
+    batch = hand_built_batch()
+    life_lost = torch.tensor([[False, False, True, False, False]])
+    batch["next", "life_lost"] = life_lost
+    trajectory = to_time_major(batch)
+    assert trajectory.life_lost[:, 0].tolist() == life_lost[0].tolist()
+    assert trajectory.done[:, 0].tolist() == [False, True, False, True, False]  # the game (and its return) go on
+    targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA)
+    torch.testing.assert_close(targets.discounts[:, 0], torch.tensor([GAMMA, 0.0, 0.0, 0.0, GAMMA]))
+    torch.testing.assert_close(targets.rewards[:, 0], torch.tensor([1.0, 1.0, 1.0, 1.0 + GAMMA * 12.0, 1.0]))
+    # A life lost on a truncated step: terminal, no bootstrap.
+    batch["next", "life_lost"][0, 3] = True
+    targets = bootstrap_targets(to_time_major(batch), value_of_next(to_time_major(batch)), GAMMA)
+    assert targets.rewards[3, 0] == 1.0 and targets.discounts[3, 0] == 0.0
+
+
+def test_reward_clip_applies_before_the_scale_and_not_to_bootstraps():
+    batch = hand_built_batch()
+    batch["next", "reward"] = torch.tensor([[3.0, -5.0, 0.5, 7.0, -0.25]]).unsqueeze(-1)
+    trajectory = to_time_major(batch)
+    targets = bootstrap_targets(trajectory, value_of_next(trajectory), GAMMA, reward_scale=0.5, reward_clip=1.0)
+    expected = torch.tensor([0.5, -0.5, 0.25, 0.5 + GAMMA * 12.0, -0.125])
+    torch.testing.assert_close(targets.rewards[:, 0], expected)
