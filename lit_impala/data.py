@@ -199,11 +199,15 @@ class ImpalaDataModule(L.LightningDataModule):
             self.start_actors(module.network, module.network_factory, module.global_step, self.trainer.global_rank)
         # The collector is already parallel: num_workers=0 (worker copies would never get new
         # weights), batch_size=None and an identity collate (batches are ready-made TensorDicts).
+        # A CUDA learner: page-locked batches, so training_step's .to(device, non_blocking=True) is
+        # an asynchronous copy.
+        to_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
             UnrollStream(self.collector, self.hparams.batch_size),
             batch_size=None,
             num_workers=0,
             collate_fn=_identity,
+            pin_memory=to_cuda,
         )
 
     def test_dataloader(self) -> DataLoader:

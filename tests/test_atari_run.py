@@ -43,3 +43,27 @@ def test_life_lost_reaches_the_trajectory():
     assert trajectory.life_lost.any(), "random Breakout play loses a life within 400 steps"
     assert not (trajectory.life_lost & trajectory.done).any()  # a life lost at game over is a game over
     assert trajectory.observation.dtype == torch.uint8  # frames stay uint8 until the learner's device
+
+
+def test_rewards_clipped_for_learning_while_the_logged_return_is_the_raw_score():
+    """SpaceInvaders pays 5-30 points per alien: the learner sees +1, the logged return the score."""
+    from lit_impala.trajectory import bootstrap_targets
+
+    env = make_vector_env("ALE/SpaceInvaders-v5", 1, seed=0)
+    try:
+        rollout = env.rollout(3000, break_when_any_done=False)
+    finally:
+        env.close()
+    rollout["policy_sample"] = rollout["action"]
+    rollout["behaviour_log_prob"] = torch.zeros(rollout.shape)
+    rollout["policy_version"] = torch.zeros(rollout.shape, dtype=torch.int64)
+    trajectory = to_time_major(rollout)
+    assert trajectory.reward.max() > 1, "random SpaceInvaders scores more than 1 point at a time"
+    targets = bootstrap_targets(trajectory, lambda mask: torch.zeros(int(mask.sum())), discount=0.99, reward_clip=1.0)
+    not_truncated = ~trajectory.truncated
+    assert targets.rewards[not_truncated].abs().max() <= 1.0
+    # The first game's logged return (RewardSum) is the sum of its raw rewards.
+    done_steps = trajectory.done[:, 0].nonzero().flatten()
+    assert len(done_steps) >= 1, "a random game ends within 3000 steps"
+    end = int(done_steps[0])
+    assert trajectory.episode_return[end, 0].item() == trajectory.reward[: end + 1, 0].sum().item()
