@@ -7,6 +7,7 @@ terms -> log. After every optimizer step ``ActorWeightSync`` publishes the new w
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from collections import deque
@@ -28,6 +29,9 @@ from lit_impala.histograms import log_histograms
 from lit_impala.losses import REDUCTIONS, impala_loss
 from lit_impala.networks import ImpalaAgent
 from lit_impala.trajectory import bootstrap_targets, to_time_major
+
+
+log = logging.getLogger(__name__)
 
 
 class Progress(NamedTuple):
@@ -85,6 +89,9 @@ class ImpalaModule(L.LightningModule):
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
         loss_reduction: ``sum`` over time and batch (paper) or ``mean``.
         sync_every: publish weights to the actors every this many learner updates.
+        max_nonfinite_updates: an update whose loss or gradient is not finite is skipped (the weights,
+            and so the actors, never see it; counted in ``nonfinite_updates``); this many in a row
+            stop the run with an error (and the on-exception checkpoint holds the last finite weights).
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes
             reaches this value (None: run to ``trainer.max_steps``).
         return_window: number of recent episodes the logged mean return is taken over.
@@ -124,6 +131,7 @@ class ImpalaModule(L.LightningModule):
         max_grad_norm: float | None = 40.0,
         loss_reduction: str = "sum",
         sync_every: int = 1,
+        max_nonfinite_updates: int = 10,
         stop_at_return: float | None = None,
         return_window: int = 100,
         test_deterministic: bool = True,
@@ -142,6 +150,7 @@ class ImpalaModule(L.LightningModule):
         _check(baseline_coef >= 0 and ent_coef >= 0, f"baseline_coef and ent_coef must be >= 0, got {baseline_coef}, {ent_coef}")
         _check(loss_reduction in REDUCTIONS, f"loss_reduction must be one of {REDUCTIONS}, got {loss_reduction!r}")
         _check(sync_every >= 1, f"sync_every must be >= 1, got {sync_every}")
+        _check(max_nonfinite_updates >= 1, f"max_nonfinite_updates must be >= 1, got {max_nonfinite_updates}")
         _check(return_window >= 1, f"return_window must be >= 1, got {return_window}")
         self.save_hyperparameters()
         # A picklable recipe for this architecture: the actors build their own copy from it.
@@ -171,6 +180,9 @@ class ImpalaModule(L.LightningModule):
         self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
         self._batch_frames, self._batch_episodes = 0, ([], [])  # this update's, counted once it is applied
         self.progress: Progress | None = None  # over all ranks, as of the last update
+        self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
+        self._consecutive_nonfinite = 0  # ... and in a row
+        self._loss_is_finite = True
 
     def configure_callbacks(self):
         return [ActorWeightSync(self.hparams.sync_every), FinalCheckpoint(), GracefulInterrupt()]
@@ -245,6 +257,7 @@ class ImpalaModule(L.LightningModule):
                 batch_size=B,
                 sync_dist=True,
             )
+        self._loss_is_finite = bool(torch.isfinite(terms.total))
         return terms.total
 
     @staticmethod
@@ -270,9 +283,34 @@ class ImpalaModule(L.LightningModule):
         self._batch_frames, self._batch_episodes = 0, ([], [])
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # After backward, before the optimizer step: the one place to refuse an update.
+        parameters = [p for p in self.network.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        if not (self._loss_is_finite and torch.isfinite(grad_norm)):
+            self._skip_nonfinite_update(grad_norm)
+            return
+        self._consecutive_nonfinite = 0
         # The clip is a model hyper-parameter here (the paper's 40); the norm is logged either way.
         max_norm = self.hparams.max_grad_norm or gradient_clip_val or math.inf
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.network.parameters(), max_norm)
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)
+        self._grad_norm = grad_norm
+
+    def _skip_nonfinite_update(self, grad_norm: Tensor) -> None:
+        # No gradient, no step: RMSprop leaves parameters without .grad (and their state) untouched.
+        for parameter in self.network.parameters():
+            parameter.grad = None
+        self.nonfinite_updates += 1
+        self._consecutive_nonfinite += 1
+        log.warning("update %d skipped: non-finite %s", self.global_step + 1,
+                    "loss" if not self._loss_is_finite else f"gradient (norm {float(grad_norm)})")
+        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_updates:
+            raise RuntimeError(
+                f"{self._consecutive_nonfinite} updates in a row had a non-finite "
+                f"{'loss' if not self._loss_is_finite else 'gradient'} (model.max_nonfinite_updates="
+                f"{self.hparams.max_nonfinite_updates}); stopping. None of them reached the weights or the actors: "
+                "the weights are those of the last finite update. Look at the rewards' scale (model.reward_scale, "
+                "model.reward_clip), model.lr and model.max_grad_norm."
+            )
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Lightning fetched this batch just before: the gap since the last step is data wait.
@@ -287,6 +325,7 @@ class ImpalaModule(L.LightningModule):
         progress = self.progress = self._progress_across_ranks()
         if self._should_log():
             metrics = {
+                "nonfinite_updates": float(self.nonfinite_updates),
                 "env_frames": progress.env_frames,
                 "grad_norm": float(self._grad_norm),
                 "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
