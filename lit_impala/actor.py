@@ -13,6 +13,7 @@ import copy
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 
@@ -107,11 +108,20 @@ class ActingPolicy(TensorDictModuleBase):
         return tensordict
 
 
+def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    os._exit(1)  # the learner is gone: nobody will read what this actor produces
+
+
 def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
     """Policy factory run inside each actor process: a fresh network that takes its weights from
     ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
-    if multiprocessing.parent_process() is not None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
         # Ctrl-C reaches the whole process group; the learner owns the actors and shuts them down
         # itself after its last update (callbacks.GracefulInterrupt), so actors ignore SIGINT.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A learner killed with SIGKILL cannot shut anything down: the actor notices it is orphaned.
+        threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True, name="orphan-watch").start()
     return ActingPolicy(network_factory(), mailbox)

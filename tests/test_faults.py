@@ -77,3 +77,37 @@ def test_a_few_nonfinite_updates_are_skipped_and_counted(tmp_path):
     assert model.nonfinite_updates == 3  # updates 4, 8 and 12: skipped, and training went on
     assert all(torch.isfinite(p).all() for p in model.network.parameters())
     assert not spawned_children()
+
+
+def test_actors_exit_when_the_learner_is_killed(tmp_path):
+    """SIGKILL leaves the learner no chance to shut its actors down: they must notice by themselves."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    command = [sys.executable, "-m", "lit_impala", "fit", "--config", CONFIG, "--trainer.logger=false",
+               "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false", "--trainer.callbacks=null",
+               "--model.stop_at_return=null", "--data.envs_per_actor=8"]
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        deadline = time.monotonic() + 120
+        actors: list[psutil.Process] = []
+        while len(actors) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "the actors never started"
+            actors = [p for p in psutil.Process(process.pid).children(recursive=True)
+                      if "spawn_main" in " ".join(p.cmdline())]
+            time.sleep(0.2)
+        time.sleep(3.0)  # training under way
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=10)
+        killed = time.monotonic()
+        gone, alive = psutil.wait_procs(actors, timeout=10)
+        assert not alive, f"actors still alive 10 s after the learner was killed: {[p.pid for p in alive]}"
+        assert time.monotonic() - killed < 10
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
