@@ -24,10 +24,28 @@ class ImpalaCLI(LightningCLI):
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
         parser.link_arguments("data.action_space", "model.action_space", apply_on="instantiate")
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters while parsing, before anything exists;
+        # an unreadable file must fail there with a message naming it, not a zip-reader error.
+        try:
+            super()._parse_ckpt_path()
+        except (RuntimeError, OSError, EOFError, ValueError) as error:
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            raise ValueError(
+                f"checkpoint {str(ckpt_path)!r} cannot be read ({type(error).__name__}: {error}); it may be truncated "
+                "or not a Lightning checkpoint"
+            ) from error
+
     def before_fit(self) -> None:
-        checkpoint = resume_checkpoint_path(self.trainer, self.config[self.subcommand].get("ckpt_path"))
-        if checkpoint is not None:
+        path = resume_checkpoint_path(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        if path is not None:
+            checkpoint = read_checkpoint(path, self.model)  # before any actor process exists
             continue_wandb_run(self.trainer, checkpoint)
+
+    def before_test(self) -> None:
+        path = resume_checkpoint_path(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        if path is not None:
+            read_checkpoint(path, self.model)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -75,14 +93,48 @@ def resume_checkpoint_path(trainer, ckpt_path: str | None) -> Path | None:
     return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
 
 
-def continue_wandb_run(trainer, checkpoint: Path) -> None:
+def read_checkpoint(path: Path, model) -> dict:
+    """Load ``path`` and check it fits ``model``; a ``ValueError`` naming the file otherwise.
+
+    Lightning would find the same problems only after the actors started, and with less clear
+    messages (a pickling error for a truncated file, a size mismatch deep in ``load_state_dict``).
+    """
+    if not path.is_file():
+        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); it may be truncated or not a "
+            "Lightning checkpoint"
+        ) from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
+    saved, expected = checkpoint["state_dict"], model.state_dict()
+    problems = [
+        f"{key}: {tuple(saved[key].shape)} in the checkpoint, {tuple(value.shape)} here"
+        for key, value in expected.items()
+        if key in saved and tuple(saved[key].shape) != tuple(value.shape)
+    ]
+    problems += [f"{key}: missing from the checkpoint" for key in expected if key not in saved]
+    problems += [f"{key}: not in this network" for key in saved if key not in expected]
+    if problems:
+        written_for = {k: checkpoint.get("hyper_parameters", {}).get(k) for k in ("observation_shape", "action_space")}
+        raise ValueError(
+            f"checkpoint {str(path)!r} was written for a different env or network ({written_for}); "
+            f"this run has observation_shape={list(model.hparams.observation_shape)}, "
+            f"action_space={model.hparams.action_space}. Differences: " + "; ".join(problems[:5])
+        )
+    return checkpoint
+
+
+def continue_wandb_run(trainer, checkpoint: dict) -> None:
     """Point the trainer's (not yet started) W&B loggers at the run that wrote ``checkpoint``, so a
     resumed training continues that run's history instead of starting a new one."""
     loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg._experiment is None]
-    if not loggers or not checkpoint.is_file():
-        return  # a missing file is Lightning's error to report, with its own message
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False).get("impala", {})
-    run_id = state.get("wandb_run_id")
+    if not loggers:
+        return
+    run_id = checkpoint.get("impala", {}).get("wandb_run_id")
     if run_id:
         for logger in loggers:
             # WandbLogger has no public setter; these are the fields its constructor fills from `id`.

@@ -83,24 +83,79 @@ def test_help_documents_the_arguments(capsys):
         assert documented in text
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--model.learning_rate=0.1", "learning_rate"),
-        ("--data.env_id=CartPole-v9", "CartPole-v9"),
-        ("--model.clip_rho_threshold=0", "clip_rho_threshold must be > 0"),
-        ("--model.discount=1.5", "discount must be in [0, 1], got 1.5"),
-        ("--data.unroll_length=0", "unroll_length must be a positive integer, got 0"),
-        ("--model.lr=-1", "lr must be > 0, got -1"),
-    ],
-)
-def test_bad_input_is_named_before_actors_start(tmp_path, capsys, override, message):
+BAD_INPUTS = [
+    # unknown keys, on the command line and in a YAML file
+    ("--model.learning_rate=0.1", "learning_rate"),
+    ("CONFIG_WITH_UNKNOWN_KEY", "env_idd"),
+    # envs and spaces
+    ("--data.env_id=CartPole-v9", "CartPole-v9"),
+    ("--data.env_id=FrozenLake-v1", "Env 'FrozenLake-v1' has observation space Discrete(16)"),
+    ("--data.env_id=Blackjack-v1", "Env 'Blackjack-v1' has observation space Tuple"),
+    ("--data.hide_observation_indices=[7]", "hide_observation_indices [7] are outside"),
+    ("--model.encoder=transformer", "unknown encoder 'transformer'"),
+    # sizes
+    ("--data.unroll_length=0", "unroll_length must be a positive integer, got 0"),
+    ("--data.batch_size=0", "batch_size must be a positive integer, got 0"),
+    ("--data.num_actors=0", "num_actors must be a positive integer, got 0"),
+    ("--data.envs_per_actor=-2", "envs_per_actor must be a positive integer, got -2"),
+    # learning hyper-parameters
+    ("--model.lr=-1", "lr must be > 0, got -1"),
+    ("--model.lr=0", "lr must be > 0, got 0"),
+    ("--model.clip_rho_threshold=0", "clip_rho_threshold must be > 0"),
+    ("--model.clip_c_threshold=-1", "clip_c_threshold must be > 0"),
+    ("--model.clip_pg_rho_threshold=0", "clip_pg_rho_threshold must be > 0"),
+    ("--model.discount=1.5", "discount must be in [0, 1], got 1.5"),
+    ("--model.discount=-0.1", "discount must be in [0, 1], got -0.1"),
+    ("--model.lambda_=1.5", "lambda_ must be in [0, 1], got 1.5"),
+    ("--model.reward_clip=0", "reward_clip must be > 0"),
+    # checkpoints
+    ("--ckpt_path=MISSING", "does not exist"),
+    ("--ckpt_path=CORRUPT", "cannot be read"),
+    ("--ckpt_path=OTHER_ENV", "was written for a different env or network"),
+]
+
+
+@pytest.fixture(scope="module")
+def other_env_checkpoint(tmp_path_factory):
+    """A real checkpoint of an Acrobot agent (6 observations, 3 actions)."""
+    directory = tmp_path_factory.mktemp("acrobot")
+    callbacks = '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": "%s", "save_last": true}}]'
+    cli_main(["fit", "--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              "--trainer.max_steps=2", "--trainer.callbacks=" + callbacks % directory, "--data.env_id=Acrobot-v1",
+              "--data.num_actors=1", "--data.envs_per_actor=2", "--data.unroll_length=5", "--data.batch_size=2"])
+    return directory / "last.ckpt"
+
+
+def resolve(override: str, tmp_path, other_env_checkpoint) -> list[str]:
+    if override == "CONFIG_WITH_UNKNOWN_KEY":
+        config = tmp_path / "typo.yaml"
+        config.write_text("data:\n  env_idd: CartPole-v1\n")
+        return ["--config", str(config)]
+    if override == "--ckpt_path=MISSING":
+        return [f"--ckpt_path={tmp_path / 'missing.ckpt'}"]
+    if override == "--ckpt_path=CORRUPT":
+        corrupt = tmp_path / "corrupt.ckpt"
+        corrupt.write_bytes(b"PK\x03\x04 half a checkpoint")
+        return [f"--ckpt_path={corrupt}"]
+    if override == "--ckpt_path=OTHER_ENV":
+        return [f"--ckpt_path={other_env_checkpoint}"]
+    return [override]
+
+
+@pytest.mark.parametrize("override, message", BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
+def test_bad_input_is_named_before_actors_start(tmp_path, capsys, override, message, other_env_checkpoint):
     import psutil
 
     with pytest.raises((SystemExit, ValueError)) as error:
-        cli_main(["fit", *tiny(tmp_path), "--trainer.logger=false", override])
+        cli_main(["fit", *tiny(tmp_path), "--trainer.logger=false", *resolve(override, tmp_path, other_env_checkpoint)])
     captured = capsys.readouterr()
-    assert message in str(error.value) + captured.err + captured.out
+    text = str(error.value) + captured.err + captured.out
+    assert message in text
+    assert "Traceback" not in text  # a message, not a worker's traceback
     # the error came before any actor process was spawned (W&B's service may be a child; actors are not)
     actors = [p for p in psutil.Process(os.getpid()).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
     assert not actors
+
+
+def test_the_bad_input_table_is_large():
+    assert len(BAD_INPUTS) >= 15
