@@ -63,7 +63,9 @@ class GracefulInterrupt(L.Callback):
         self.interrupted_by: signal.Signals | None = None
         self._previous: dict[int, object] = {}
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Installed here, after Lightning's own SIGTERM handler (registered when the run starts): that
+        # one raises an exception at the next batch, which skips the end-of-training checkpoint.
         self.interrupted_by = None
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread

@@ -62,8 +62,9 @@ def common_args(ckpt_dir, *extra_callbacks) -> list[str]:
             f"--trainer.max_steps={MAX_STEPS}", "--data.envs_per_actor=16"]
 
 
-def interrupt_run(tmp_path, ckpt_dir) -> tuple[int, str, float, list[int]]:
-    """Start a fit, Ctrl-C its whole process group once the first periodic checkpoint exists."""
+def interrupt_run(tmp_path, ckpt_dir, signals=(("group", signal.SIGINT),)) -> tuple[int, str, float, list[int]]:
+    """Start a fit; once the first periodic checkpoint exists, send ``signals`` (each to the whole
+    process group, as Ctrl-C in a terminal does, or to the learner only)."""
     log_path = tmp_path / "run1.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "lit_impala", "fit", *common_args(ckpt_dir)], cwd=tmp_path,
@@ -79,8 +80,13 @@ def interrupt_run(tmp_path, ckpt_dir) -> tuple[int, str, float, list[int]]:
                 time.sleep(0.1)
             time.sleep(1.0)  # a few more updates past the periodic save
             children.update(c.pid for c in psutil.Process(process.pid).children(recursive=True))
-            os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
             interrupted = time.monotonic()
+            for target, signum in signals:
+                if target == "group":
+                    os.killpg(process.pid, signum)
+                else:
+                    process.send_signal(signum)
+                time.sleep(0.05)
             code = process.wait(timeout=30)
             exit_s = time.monotonic() - interrupted
         finally:
@@ -147,3 +153,49 @@ def test_test_subcommand_evaluates_a_trained_checkpoint(tmp_path, monkeypatch, c
     found = re.search(r"Test: mean return ([\d.]+) \+- ([\d.]+) \(std\) over 20 episodes", printed)
     assert found, printed
     assert float(found[1]) >= 475, printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signals, exit_code",
+    [((("learner", signal.SIGTERM),), 128 + signal.SIGTERM),  # a scheduler's stop: to the learner only
+     ((("group", signal.SIGINT), ("group", signal.SIGINT)), None)],  # Ctrl-C twice: out at once
+    ids=["sigterm", "ctrl-c-twice"],
+)
+def test_sigterm_and_a_second_ctrl_c_stop_cleanly(tmp_path, signals, exit_code):
+    ckpt_dir = tmp_path / "checkpoints"
+    code, output, exit_s, children = interrupt_run(tmp_path, ckpt_dir, signals)
+    assert exit_s < 15, f"took {exit_s:.1f} s to stop\n{output}"
+    if exit_code is not None:
+        assert code == exit_code, output
+        checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["impala"]["env_frames"] == checkpoint["global_step"] * FRAMES_PER_UPDATE
+    else:
+        assert code != 0, output
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    code, output, _, children = interrupt_run(tmp_path, ckpt_dir, (("group", signal.SIGKILL),))
+    assert code == -signal.SIGKILL
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+    # Whatever moment the kill hit, every checkpoint file there is complete and consistent
+    # (Lightning writes to a temporary file and renames it).
+    files = sorted(ckpt_dir.iterdir())
+    assert files and all(f.suffix == ".ckpt" for f in files), files
+    for path in files:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert checkpoint["impala"]["env_frames"] == checkpoint["global_step"] * FRAMES_PER_UPDATE
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    probe_spec = {"class_path": "tests.test_resume.ResumeProbe", "init_args": {"steps": 5}}
+    cli = cli_main(["fit", *common_args(ckpt_dir, probe_spec), "--ckpt_path=last"])
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResumeProbe))
+    assert probe.start["global_step"] == last["global_step"] >= 20
+    assert probe.start["env_frames"] == last["impala"]["env_frames"]
+    assert probe.start["lr"] == pytest.approx(last["lr_schedulers"][0]["_last_lr"][0])
+    assert cli.trainer.global_step == last["global_step"] + 5
