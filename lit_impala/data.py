@@ -22,6 +22,7 @@ from torchrl.weight_update import NoWeightSyncScheme
 
 from lit_impala.actor import make_acting_policy
 from lit_impala.envs import action_space_spec, actor_seeds, describe_env, make_vector_env
+from lit_impala.remote import LAUNCHERS, make_remote_collector
 from lit_impala.trajectory import BATCH_KEYS
 from lit_impala.weights import WeightMailbox
 
@@ -87,6 +88,14 @@ class ImpalaDataModule(L.LightningDataModule):
         atari_options: for ALE ids, keyword arguments of ``lit_impala.atari.make_atari_env``
             (``noop_max``, ``frame_skip``, ``screen_size``, ``frame_stack``, ``terminal_on_life_loss``,
             ``repeat_action_probability``, ``full_action_space``); defaults are the IMPALA paper's.
+        actors: ``local`` (actor processes on this machine, a torchrl ``MultiAsyncCollector``, weights
+            through shared memory) or ``remote`` (torchrl's ``DistributedCollector``: each actor is a
+            torch.distributed node, possibly on another host; see ``lit_impala.remote``).
+        remote_launcher: ``mp`` (nodes as local processes), ``submitit`` (SLURM jobs) or ``external``
+            (nodes started by hand with ``python -m lit_impala.remote``).
+        remote_tcp_port: the learner's port for remote actors (None: a free one; needed for ``external``).
+        remote_backend: torch.distributed backend between learner and remote actors.
+        slurm_kwargs: ``submitit.AutoExecutor`` parameters for ``remote_launcher: submitit``.
     """
 
     def __init__(
@@ -103,12 +112,26 @@ class ImpalaDataModule(L.LightningDataModule):
         sync_actors: bool = False,
         test_episodes: int = 20,
         atari_options: dict | None = None,
+        actors: str = "local",
+        remote_launcher: str = "mp",
+        remote_tcp_port: int | None = None,
+        remote_backend: str = "gloo",
+        slurm_kwargs: dict | None = None,
     ):
         super().__init__()
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "test_episodes"):
             _positive_int(name, locals()[name])
         if max_episode_steps is not None:
             _positive_int("max_episode_steps", max_episode_steps)
+        if actors not in ("local", "remote"):
+            raise ValueError(f"actors must be 'local' or 'remote', got {actors!r}")
+        if actors == "remote":
+            if remote_launcher not in LAUNCHERS:
+                raise ValueError(f"remote_launcher must be one of {list(LAUNCHERS)}, got {remote_launcher!r}")
+            if sync_actors:
+                raise ValueError("sync_actors: true is for local actors; remote actors always deliver as they finish")
+            if remote_launcher == "external" and remote_tcp_port is None:
+                raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
         self.save_hyperparameters()
         # Checked here, before any actor process exists; the facts flow into the model via the CLI.
         self.env_options = {
@@ -150,6 +173,18 @@ class ImpalaDataModule(L.LightningDataModule):
         if self.collector is not None:
             return
         hp = self.hparams
+        if hp.actors == "remote":
+            if self.trainer is not None and self.trainer.world_size > 1:
+                raise ValueError("remote actors need a single learner process (torchrl's DistributedCollector makes "
+                                 "the learner rank 0 of the default process group, which DDP also needs)")
+            self.collector = make_remote_collector(
+                hp.env_id, network, network_factory,
+                num_actors=hp.num_actors, envs_per_actor=hp.envs_per_actor, unroll_length=hp.unroll_length,
+                version=version, seed=self.env_seed, rank=rank, env_options=self.env_options,
+                launcher=hp.remote_launcher, backend=hp.remote_backend, tcp_port=hp.remote_tcp_port,
+                slurm_kwargs=hp.slurm_kwargs,
+            )
+            return
         self.mailbox = WeightMailbox(network)
         # Before the workers exist: torchrl runs the policy once while building each worker.
         self.mailbox.publish(network, version)
@@ -176,7 +211,10 @@ class ImpalaDataModule(L.LightningDataModule):
 
     def publish_weights(self, network: nn.Module, version: int) -> None:
         """Make ``network``'s weights (tagged ``version``) the ones actors act with from their next step."""
-        self.mailbox.publish(network, version)
+        if self.mailbox is not None:
+            self.mailbox.publish(network, version)
+        else:  # remote actors: torchrl's distributed weight sync, the version inside the weights
+            self.collector.publish_weights(network, version)
 
     def stop_actors(self) -> None:
         """Shut the actor processes down and free the mailbox; safe to call more than once."""
