@@ -181,8 +181,9 @@ def test_the_yaml_switch_trains_with_remote_actors_through_the_cli(tmp_path, mon
     assert cli.datamodule.collector is None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
+        # actor nodes are multiprocessing children (W&B's service, started by other tests, is not one)
         left = [p for p in psutil.Process().children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline())]
+                if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
         if not left:
             break
         time.sleep(0.2)
