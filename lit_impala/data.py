@@ -8,6 +8,9 @@ learner batches of ``batch_size`` unrolls of ``unroll_length`` steps, ``[B, T]``
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -38,6 +41,16 @@ def _positive_int(name: str, value: int) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
+class _Rollouts:
+    """Iterable view of ``ImpalaDataModule.rollouts`` (restarts failed actors)."""
+
+    def __init__(self, data: ImpalaDataModule):
+        self.data = data
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        return self.data.rollouts()
+
+
 class UnrollStream(IterableDataset):
     """Endless stream of learner batches ``[batch_size, unroll_length]`` from a torchrl collector.
 
@@ -45,14 +58,14 @@ class UnrollStream(IterableDataset):
     regrouped (never dropped, never reused) into batches of exactly ``batch_size``.
     """
 
-    def __init__(self, collector, batch_size: int):
-        self.collector = collector
+    def __init__(self, rollouts, batch_size: int):
+        self.rollouts = rollouts  # a collector, or anything iterable yielding its rollouts
         self.batch_size = batch_size
 
     def __iter__(self) -> Iterator[TensorDictBase]:
         pending: list[TensorDictBase] = []
         num_pending = 0
-        for rollout in self.collector:
+        for rollout in self.rollouts:
             pending.append(rollout.select(*BATCH_KEYS, strict=False))  # core states: recurrent only
             num_pending += rollout.batch_size[0]
             while num_pending >= self.batch_size:
@@ -96,6 +109,9 @@ class ImpalaDataModule(L.LightningDataModule):
         remote_tcp_port: the learner's port for remote actors (None: a free one; needed for ``external``).
         remote_backend: torch.distributed backend between learner and remote actors.
         slurm_kwargs: ``submitit.AutoExecutor`` parameters for ``remote_launcher: submitit``.
+        max_actor_restarts: local actors: when an actor process dies (killed, or its env raised), all
+            actors are restarted with the current weights and training goes on, this many times in the
+            run; then the run stops with an error naming the env and showing the actor's traceback.
     """
 
     def __init__(
@@ -117,12 +133,15 @@ class ImpalaDataModule(L.LightningDataModule):
         remote_tcp_port: int | None = None,
         remote_backend: str = "gloo",
         slurm_kwargs: dict | None = None,
+        max_actor_restarts: int = 3,
     ):
         super().__init__()
         for name in ("num_actors", "envs_per_actor", "unroll_length", "batch_size", "test_episodes"):
             _positive_int(name, locals()[name])
         if max_episode_steps is not None:
             _positive_int("max_episode_steps", max_episode_steps)
+        if not isinstance(max_actor_restarts, int) or max_actor_restarts < 0:
+            raise ValueError(f"max_actor_restarts must be an integer >= 0, got {max_actor_restarts!r}")
         if actors not in ("local", "remote"):
             raise ValueError(f"actors must be 'local' or 'remote', got {actors!r}")
         if actors == "remote":
@@ -143,6 +162,9 @@ class ImpalaDataModule(L.LightningDataModule):
         self.env_facts = describe_env(env_id, **self.env_options)
         self.collector = None
         self.mailbox: WeightMailbox | None = None
+        self.actor_restarts = 0
+        self._actor_recipe: tuple | None = None  # (network_factory, rank): what a restart needs
+        self._error_dir: str | None = None
 
     @property
     def env_seed(self) -> int:
@@ -188,8 +210,19 @@ class ImpalaDataModule(L.LightningDataModule):
         self.mailbox = WeightMailbox(network)
         # Before the workers exist: torchrl runs the policy once while building each worker.
         self.mailbox.publish(network, version)
+        self._actor_recipe = (network_factory, rank)
+        self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
+        self._start_collector()
+
+    def _start_collector(self) -> None:
+        """The local actor processes, reading their weights from the (existing) mailbox."""
+        hp = self.hparams
+        network_factory, rank = self._actor_recipe
         collector_cls = MultiSyncCollector if hp.sync_actors else MultiAsyncCollector
-        env_fns = [partial(make_vector_env, hp.env_id, hp.envs_per_actor, s, **self.env_options) for s in actor_seeds(self.env_seed, hp.num_actors, rank)]
+        env_fns = [
+            partial(make_vector_env, hp.env_id, hp.envs_per_actor, seed, error_file=self._error_file(i), **self.env_options)
+            for i, seed in enumerate(actor_seeds(self.env_seed, hp.num_actors, rank))
+        ]
         try:
             self.collector = collector_cls(
                 env_fns,
@@ -209,6 +242,55 @@ class ImpalaDataModule(L.LightningDataModule):
             self.stop_actors()
             raise
 
+    def _error_file(self, actor: int) -> str:
+        return os.path.join(self._error_dir, f"actor{actor}.traceback")
+
+    def rollouts(self) -> Iterator[TensorDictBase]:
+        """The actors' rollouts, one ``[envs_per_actor, unroll_length]`` TensorDict at a time.
+
+        torchrl raises as soon as an actor process dies. Local actors are then restarted (all of them,
+        with the newest published weights and version: the mailbox outlives them) up to
+        ``max_actor_restarts`` times in the run, and the stream goes on.
+        """
+        while True:
+            try:
+                yield from self.collector
+                return
+            except RuntimeError as error:
+                if self.hparams.actors != "local" or self.mailbox is None:
+                    raise
+                why = self._actor_tracebacks() or f"{error} (no Python traceback: killed or crashed)"
+                if self.actor_restarts >= self.hparams.max_actor_restarts:
+                    raise RuntimeError(
+                        f"an actor stepping {self.hparams.env_id!r} failed again after {self.actor_restarts} restarts "
+                        f"(data.max_actor_restarts={self.hparams.max_actor_restarts}); stopping.\n{why}"
+                    ) from error
+                self.actor_restarts += 1
+                log.warning("an actor stepping %r failed; restarting the actors (%d of %d):\n%s",
+                            self.hparams.env_id, self.actor_restarts, self.hparams.max_actor_restarts, why)
+                self._stop_collector()
+                self._clear_actor_tracebacks()
+                self._start_collector()
+
+    def _actor_tracebacks(self) -> str:
+        texts = []
+        for name in sorted(os.listdir(self._error_dir)) if self._error_dir else []:
+            with open(os.path.join(self._error_dir, name)) as f:
+                texts.append(f"{name.removesuffix('.traceback')} of env {self.hparams.env_id!r} raised:\n{f.read()}")
+        return "\n".join(texts)
+
+    def _clear_actor_tracebacks(self) -> None:
+        for name in os.listdir(self._error_dir):
+            os.remove(os.path.join(self._error_dir, name))
+
+    def _stop_collector(self) -> None:
+        collector, self.collector = self.collector, None
+        if collector is not None:
+            try:
+                collector.shutdown()
+            except Exception as error:  # never let a failed shutdown hide the original error
+                log.warning("collector shutdown raised %r", error)
+
     def publish_weights(self, network: nn.Module, version: int) -> None:
         """Make ``network``'s weights (tagged ``version``) the ones actors act with from their next step."""
         if self.mailbox is not None:
@@ -218,12 +300,10 @@ class ImpalaDataModule(L.LightningDataModule):
 
     def stop_actors(self) -> None:
         """Shut the actor processes down and free the mailbox; safe to call more than once."""
-        collector, self.collector = self.collector, None
-        if collector is not None:
-            try:
-                collector.shutdown()
-            except Exception as error:  # never let a failed shutdown hide the original error
-                log.warning("collector shutdown raised %r", error)
+        self._stop_collector()
+        if self._error_dir is not None:
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+            self._error_dir = None
         if self.mailbox is not None:
             self.mailbox.close()
             self.mailbox = None
@@ -241,7 +321,7 @@ class ImpalaDataModule(L.LightningDataModule):
         # an asynchronous copy.
         to_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
-            UnrollStream(self.collector, self.hparams.batch_size),
+            UnrollStream(_Rollouts(self), self.hparams.batch_size),
             batch_size=None,
             num_workers=0,
             collate_fn=_identity,

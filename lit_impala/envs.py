@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import traceback
 from functools import partial
 from typing import NamedTuple
 
 import gymnasium as gym
 import numpy as np
 import torch
-from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv, VectorWrapper
 from torchrl.data import Categorical
 from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.libs.gym import default_info_dict_reader
@@ -183,17 +184,53 @@ def describe_env(env_id: str, **options) -> EnvFacts:
     return EnvFacts(env_id, tuple(int(d) for d in obs_space.shape), dtype, act_space)
 
 
-def make_vector_env(env_id: str, num_envs: int, seed: int | None = None, **options) -> EnvBase:
+class ReportErrors(VectorWrapper):
+    """Writes the traceback of an exception raised by the envs to ``error_file`` before re-raising it:
+    the actor process dies, and the learner reads the file to say why (see ``data.ImpalaDataModule``)."""
+
+    def __init__(self, env: VectorEnv, error_file: str):
+        super().__init__(env)
+        self.error_file = error_file
+
+    @property
+    def autoreset_mode(self):  # read by torchrl's GymWrapper
+        return self.env.autoreset_mode
+
+    def _report(self) -> None:
+        with open(self.error_file, "w") as f:
+            f.write(traceback.format_exc())
+
+    def step(self, actions):
+        try:
+            return self.env.step(actions)
+        except Exception:
+            self._report()
+            raise
+
+    def reset(self, **kwargs):
+        try:
+            return self.env.reset(**kwargs)
+        except Exception:
+            self._report()
+            raise
+
+
+def make_vector_env(
+    env_id: str, num_envs: int, seed: int | None = None, error_file: str | None = None, **options
+) -> EnvBase:
     """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
 
     Adds torchrl's ``InitTracker`` (``is_init``: the observation starts an episode, so recurrent
     actors reset their state), ``RewardSum`` and ``StepCounter`` (running episode return and
-    length; at a ``done`` step they hold the finished episode's).
+    length; at a ``done`` step they hold the finished episode's). With ``error_file``, an exception
+    from the envs leaves its traceback there.
     """
     vector_env = SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
     )
+    if error_file is not None:
+        vector_env = ReportErrors(vector_env, error_file)
     base_env = GymWrapper(vector_env, categorical_action_encoding=True)
     if (options.get("atari_options") or {}).get("terminal_on_life_loss"):
         # The learner treats a lost life as the end of an episode (the game itself goes on, and so

@@ -326,6 +326,7 @@ class ImpalaModule(L.LightningModule):
         if self._should_log():
             metrics = {
                 "nonfinite_updates": float(self.nonfinite_updates),
+                "actor_restarts": float(getattr(self.trainer.datamodule, "actor_restarts", 0)),
                 "env_frames": progress.env_frames,
                 "grad_norm": float(self._grad_norm),
                 "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
