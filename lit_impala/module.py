@@ -183,6 +183,7 @@ class ImpalaModule(L.LightningModule):
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
         self._consecutive_nonfinite = 0  # ... and in a row
         self._loss_is_finite = True
+        self._checkpoint_step: int | None = None  # update count of the checkpoint loaded (for `test`)
 
     def configure_callbacks(self):
         return [ActorWeightSync(self.hparams.sync_every), FinalCheckpoint(), GracefulInterrupt()]
@@ -425,7 +426,7 @@ class ImpalaModule(L.LightningModule):
         self.print(
             f"Test: mean return {mean:.1f} +- {std:.1f} (std) over {len(self._test_returns)} episodes "
             f"({'deterministic' if self.hparams.test_deterministic else 'sampled'} actions), "
-            f"weights of update {self.global_step}."
+            f"weights of update {self._checkpoint_step if self._checkpoint_step is not None else self.global_step}."
         )
 
     # --- checkpoint state beyond the weights and optimizer -----------------------------------------
@@ -440,6 +441,7 @@ class ImpalaModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
         state = checkpoint.get("impala", {})
         self.env_frames = int(state.get("env_frames", 0))
         self.episode_returns.extend(state.get("episode_returns", []))
