@@ -28,17 +28,22 @@ def test_pong_config_trains_end_to_end_through_the_cli(tmp_path, monkeypatch):
     assert cli.datamodule.collector is None  # actors shut down
 
 
-def test_life_lost_reaches_the_trajectory():
-    env = make_vector_env("ALE/Breakout-v5", 2, seed=0, atari_options={"terminal_on_life_loss": True})
+def random_play(env_id: str, num_envs: int, steps: int, **options):
+    """``steps`` random steps of the actors' batched env (seed 0), as the learner's ``Trajectory``."""
+    env = make_vector_env(env_id, num_envs, seed=0, **options)
     try:
-        rollout = env.rollout(400, break_when_any_done=False)
+        rollout = env.rollout(steps, break_when_any_done=False)
     finally:
         env.close()
     # What the acting policy would add (a random rollout has no policy): only the env's keys matter here.
     rollout["policy_sample"] = rollout["action"]
     rollout["behaviour_log_prob"] = torch.zeros(rollout.shape)
     rollout["policy_version"] = torch.zeros(rollout.shape, dtype=torch.int64)
-    trajectory = to_time_major(rollout)
+    return to_time_major(rollout)
+
+
+def test_life_lost_reaches_the_trajectory():
+    trajectory = random_play("ALE/Breakout-v5", 2, 400, atari_options={"terminal_on_life_loss": True})
     assert trajectory.life_lost is not None and trajectory.life_lost.shape == (400, 2)
     assert trajectory.life_lost.any(), "random Breakout play loses a life within 400 steps"
     assert not (trajectory.life_lost & trajectory.done).any()  # a life lost at game over is a game over
@@ -49,15 +54,7 @@ def test_rewards_clipped_for_learning_while_the_logged_return_is_the_raw_score()
     """SpaceInvaders pays 5-30 points per alien: the learner sees +1, the logged return the score."""
     from lit_impala.trajectory import bootstrap_targets
 
-    env = make_vector_env("ALE/SpaceInvaders-v5", 1, seed=0)
-    try:
-        rollout = env.rollout(3000, break_when_any_done=False)
-    finally:
-        env.close()
-    rollout["policy_sample"] = rollout["action"]
-    rollout["behaviour_log_prob"] = torch.zeros(rollout.shape)
-    rollout["policy_version"] = torch.zeros(rollout.shape, dtype=torch.int64)
-    trajectory = to_time_major(rollout)
+    trajectory = random_play("ALE/SpaceInvaders-v5", 1, 3000)
     assert trajectory.reward.max() > 1, "random SpaceInvaders scores more than 1 point at a time"
     targets = bootstrap_targets(trajectory, lambda mask: torch.zeros(int(mask.sum())), discount=0.99, reward_clip=1.0)
     not_truncated = ~trajectory.truncated
