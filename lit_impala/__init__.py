@@ -1,3 +1,3 @@
 """lit_impala: IMPALA (Espeholt et al. 2018) with a torchrl actor pipeline and a Lightning learner."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,6 +1,6 @@
-"""``python -m lit_impala`` -> the LightningCLI."""
+"""``python -m lit_impala`` -> the LightningCLI (``cli.main``: configuration errors as one line, exit 2)."""
 
-from lit_impala.cli import cli_main
+from lit_impala.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    main()

@@ -3,143 +3,258 @@
 The YAML's ``model`` and ``data`` sections are the typed ``__init__`` arguments of ``ImpalaModule``
 and ``ImpalaDataModule``; env facts (observation shape, action space) are linked from the data
 module into the model, never written by hand.
+
+``main`` is the command's entry point: a configuration error (an unknown or ill-typed argument, a value
+our classes refuse, an unusable checkpoint) is one ``error: ...`` line on stderr and exit code 2, as
+argparse does, before any actor process starts. ``LIT_IMPALA_FULL_ERROR=1`` shows the traceback instead.
+``cli_main`` is the same CLI for Python callers (tests, notebooks): it raises.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib
+import logging
+import os
+import re
+import sys
+import warnings
 from pathlib import Path
 
-import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_impala.callbacks import GracefulInterrupt
+from lit_impala import resume
+from lit_impala.callbacks import EpisodeStats, GracefulInterrupt
 from lit_impala.data import ImpalaDataModule
-from lit_impala.module import ImpalaModule
+from lit_impala.learner import ImpalaModule
+
+FULL_ERROR_ENV = "LIT_IMPALA_FULL_ERROR"  # "1": a configuration error shows its traceback (as HYDRA_FULL_ERROR)
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+# What every run shares (a config file sets what differs). An infinite stream never ends an epoch, so
+# max_steps (or the stop rule) ends a run. (The logger stays in each config: as a default here, switching it
+# with --trainer.logger would carry W&B's init arguments, such as name=None, over to the new class.)
+TRAINER_DEFAULTS = {
+    "devices": 1,
+    "max_epochs": -1,
+    "log_every_n_steps": 20,
+    "num_sanity_val_steps": 0,
+    "enable_model_summary": False,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; ``main`` prints its message as one line, exit code 2."""
 
 
 class ImpalaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
         parser.link_arguments("data.action_space", "model.action_space", apply_on="instantiate")
+        # Progress, the recent episodes and the stop rule: always there, configured in its own section.
+        parser.add_lightning_class_args(EpisodeStats, "episode_stats")
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads the checkpoint's hyper-parameters while parsing, before anything exists;
-        # an unreadable file must fail there with a message naming it, not a zip-reader error.
+        # LightningCLI applies the checkpoint's model hyper-parameters while parsing, before anything exists:
+        # read them ourselves, so that an unreadable file fails here with a message naming it and older
+        # checkpoint formats apply (resume.model_hparams).
+        if not self.config.get("subcommand"):
+            return
+        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
         try:
-            super()._parse_ckpt_path()
-        except (RuntimeError, OSError, EOFError, ValueError) as error:
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-            raise ValueError(
-                f"checkpoint {str(ckpt_path)!r} cannot be read ({type(error).__name__}: {error}); it may be truncated "
-                "or not a Lightning checkpoint"
-            ) from error
+            hparams = resume.model_hparams(resume.load(ckpt_path))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+        if hparams:
+            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
+        trainer = config.get("trainer")
+        if trainer is None:
+            return
+        # The shipped configs list lit_impala.callbacks.ProgressBar; `--trainer.enable_progress_bar false`
+        # then means "no bar" rather than Lightning's error about a progress bar among the callbacks.
+        if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
+            trainer.callbacks = [c for c in trainer.callbacks if not _is_class(c, ProgressBar)]
+        # A resumed run continues the W&B run that wrote its checkpoint: WandbLogger(id=...).
+        checkpoint_dirs = [c.init_args.dirpath for c in trainer.get("callbacks") or []
+                           if _is_class(c, ModelCheckpoint) and c.get("init_args", {}).get("dirpath")]
+        run_id = resume.continued_wandb_run(resume.checkpoint_path(config.get("ckpt_path"), checkpoint_dirs))
+        for logger in _logger_configs(trainer.get("logger")):
+            if run_id and _is_class(logger, WandbLogger) and logger.init_args.get("id") is None:
+                logger.init_args.id = run_id
+
+    def instantiate_classes(self) -> None:
+        # Our classes check their arguments in __init__ (ValueError naming the value): a configuration error.
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
     def before_fit(self) -> None:
-        path = resume_checkpoint_path(self.trainer, self.config[self.subcommand].get("ckpt_path"))
-        if path is not None:
-            checkpoint = read_checkpoint(path, self.model)  # before any actor process exists
-            continue_wandb_run(self.trainer, checkpoint)
+        check_run_settings(self.trainer, self.model, self.datamodule)
+        self._check_checkpoint()
+        prepare_wandb_loggers(self.trainer)
 
     def before_test(self) -> None:
-        path = resume_checkpoint_path(self.trainer, self.config[self.subcommand].get("ckpt_path"))
+        self._check_checkpoint()
+        prepare_wandb_loggers(self.trainer)
+
+    def _check_checkpoint(self) -> None:
+        """The checkpoint to resume from or test, checked before any actor process exists."""
+        checkpoint_dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks
+                           if isinstance(c, ModelCheckpoint) and c.dirpath]
+        path = resume.checkpoint_path(self.config[self.subcommand].get("ckpt_path"), checkpoint_dirs)
         if path is not None:
-            read_checkpoint(path, self.model)
+            try:
+                resume.check_fits(resume.load(path), path, self.model)
+            except ValueError as error:
+                raise ConfigError(str(error)) from error
 
     def after_fit(self) -> None:
         trainer = self.trainer
-        module = trainer.lightning_module
-        progress = module.progress  # summed / averaged over DDP ranks
-        frames = int(progress.env_frames) if progress else module.env_frames
-        episodes = progress.episodes if progress else 0
-        mean_return = progress.mean_return if progress else float("nan")
-        lines = [f"Training stopped after {trainer.global_step} updates and {frames} env frames; "
-                 f"mean return of the last {episodes} episodes: {mean_return:.1f}."]
-        for logger in trainer.loggers:
-            lines.append(f"Logs ({type(logger).__name__}): {_log_location(logger)}")
-        if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
-            lines.append(f"Checkpoints: {trainer.checkpoint_callback.dirpath}")
-        if trainer.is_global_zero:
-            print("\n".join(lines), flush=True)
+        if trainer.is_global_zero:  # nothing in here is a collective: the other ranks are not waiting
+            print("\n".join(fit_summary(trainer)), flush=True)
         interrupt = next((cb.interrupted_by for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
         if interrupt is not None:
             raise SystemExit(128 + interrupt.value)  # the shell convention for "ended by a signal"
 
 
-def cli_main(args: list[str] | None = None) -> ImpalaCLI:
-    """Entry point; ``args`` lets tests call the CLI in-process."""
+def cli_main(args: list[str] | None = None, run: bool = True, **cli_options) -> ImpalaCLI:
+    """The CLI for Python callers (tests, notebooks, benchmarks): errors are raised, a bad argument as
+    jsonargparse's ``argparse.ArgumentError``, a refused value or checkpoint as ``ConfigError``. ``run=False``
+    builds the trainer, model and data module of a ``fit`` without running it (``args`` without ``fit``)."""
+    cli_options.setdefault("save_config_kwargs", {"overwrite": True})
     return ImpalaCLI(
         ImpalaModule,
         ImpalaDataModule,
         args=args,
-        save_config_kwargs={"overwrite": True},
+        run=run,
+        **cli_options,
+        trainer_defaults=TRAINER_DEFAULTS,
+        # Parse errors raise instead of printing the whole usage (~100 lines) and exiting: `main` reports them.
+        parser_kwargs={"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}},
     )
 
 
-def resume_checkpoint_path(trainer, ckpt_path: str | None) -> Path | None:
-    """The file ``fit --ckpt_path`` will resume from: ``last`` is the newest ``last*.ckpt`` in a
-    ``ModelCheckpoint`` directory (as Lightning resolves it); None when nothing will be resumed."""
-    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry"):
-        return None
-    if ckpt_path != "last":
-        return Path(ckpt_path)
-    candidates = [
-        path
-        for callback in trainer.checkpoint_callbacks
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath
-        for path in Path(callback.dirpath).glob(f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}")
-    ]
-    return max(candidates, key=lambda path: path.stat().st_mtime) if candidates else None
-
-
-def read_checkpoint(path: Path, model) -> dict:
-    """Load ``path`` and check it fits ``model``; a ``ValueError`` naming the file otherwise.
-
-    Lightning would find the same problems only after the actors started, and with less clear
-    messages (a pickling error for a truncated file, a size mismatch deep in ``load_state_dict``).
-    """
-    if not path.is_file():
-        raise ValueError(f"checkpoint {str(path)!r} does not exist")
+def main(args: list[str] | None = None) -> None:
+    """``python -m lit_impala`` / ``lit-impala``: a configuration error is one line and exit code 2."""
+    quiet_third_party_start_up()
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(
-            f"checkpoint {str(path)!r} cannot be read ({type(error).__name__}: {error}); it may be truncated or not a "
-            "Lightning checkpoint"
-        ) from error
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no 'state_dict')")
-    saved, expected = checkpoint["state_dict"], model.state_dict()
-    problems = [
-        f"{key}: {tuple(saved[key].shape)} in the checkpoint, {tuple(value.shape)} here"
-        for key, value in expected.items()
-        if key in saved and tuple(saved[key].shape) != tuple(value.shape)
-    ]
-    problems += [f"{key}: missing from the checkpoint" for key in expected if key not in saved]
-    problems += [f"{key}: not in this network" for key in saved if key not in expected]
-    if problems:
-        written_for = {k: checkpoint.get("hyper_parameters", {}).get(k) for k in ("observation_shape", "action_space")}
-        raise ValueError(
-            f"checkpoint {str(path)!r} was written for a different env or network ({written_for}); "
-            f"this run has observation_shape={list(model.hparams.observation_shape)}, "
-            f"action_space={model.hparams.action_space}. Differences: " + "; ".join(problems[:5])
+        cli_main(args)
+    except (argparse.ArgumentError, ConfigError) as error:
+        if os.environ.get(FULL_ERROR_ENV) == "1":
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+_RESTRICTED = re.compile(
+    r'^Parser key "(?P<key>[^"]+)": (?P<union>Does not validate against any of the Union subtypes.*?)?'
+    r"Not of type (?P<type>\w+): (?P<value>\S+ )?does not conform to restriction (?P<rule>.+?)"
+    r"(?: - Expected a .*Given value: (?P<given>.*))?$"
+)
+_LITERAL = re.compile(
+    r'^Parser key "(?P<key>[^"]+)": Expected a typing\.Literal\[(?P<choices>.*)\]\. Got value: (?P<value>.*)$'
+)
+
+
+def one_line(error: BaseException) -> str:
+    """A configuration error as one line; jsonargparse's messages for restricted types and literals made
+    short: ``model.clip_rho_threshold: expected a PositiveFloat (v>0) or null, got 0``."""
+    text = " ".join(str(error).split())
+    if found := _RESTRICTED.match(text):
+        value = (found["value"] or found["given"] or "?").strip()
+        optional = " or null" if found["union"] and "NoneType" in text else ""
+        return f"{found['key']}: expected a {found['type']} ({found['rule']}){optional}, got {value}"
+    if found := _LITERAL.match(text):
+        return f"{found['key']}: expected one of {found['choices']}, got {found['value']!r}"
+    return text
+
+
+def _is_class(config, cls: type) -> bool:
+    """Whether a ``class_path`` config (of a callback or a logger) names ``cls`` or a subclass."""
+    class_path = config.get("class_path", "") if hasattr(config, "get") else ""
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        found = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return False  # jsonargparse reports a bad class path itself
+    return isinstance(found, type) and issubclass(found, cls)
+
+
+def _logger_configs(logger) -> list:
+    if isinstance(logger, list):
+        return logger
+    return [logger] if hasattr(logger, "get") else []
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def quiet_third_party_start_up() -> None:
+    """Silence known-harmless start-up messages of the stack, for the command line only (the library
+    itself changes no global warning or logging state)."""
+    # lightning 2.6 with torch >= 2.10: Lightning's own use of a deprecated torch pytree class.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # lightning 2.6 advertises its cloud logger at every Trainer construction.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
+
+
+def prepare_wandb_loggers(trainer) -> None:
+    """Before a W&B run starts: avoid the two warnings our set-up would otherwise cause at every start."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        # wandb looks for a git repository from the run directory, and warns when it does not exist yet.
+        if logger.save_dir:
+            Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
+        # Lightning 2.6 passes anonymous=None, which wandb >= 0.19 warns about although None means "unset".
+        init_kwargs = getattr(logger, "_wandb_init", {})
+        if init_kwargs.get("anonymous", "") is None:
+            del init_kwargs["anonymous"]
+
+
+def check_run_settings(trainer, model, datamodule) -> None:
+    """Settings that only make sense together, checked before Lightning launches ranks or actors start."""
+    if model.hparams.lr_decay and (trainer.max_steps is None or trainer.max_steps < 1):
+        raise ConfigError(
+            f"model.lr_decay decays the learning rate to 0 over trainer.max_steps, which is {trainer.max_steps}: "
+            "set trainer.max_steps >= 1 or model.lr_decay false"
         )
-    return checkpoint
+    if datamodule is not None and datamodule.hparams.actors == "remote" and trainer.world_size > 1:
+        raise ConfigError(
+            f"data.actors remote needs a single learner process, got {trainer.world_size} (trainer.devices x "
+            "trainer.num_nodes): torchrl's DistributedCollector makes the learner rank 0 of the default process "
+            "group, which DDP also needs"
+        )
 
 
-def continue_wandb_run(trainer, checkpoint: dict) -> None:
-    """Point the trainer's (not yet started) W&B loggers at the run that wrote ``checkpoint``, so a
-    resumed training continues that run's history instead of starting a new one."""
-    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger) and lg._experiment is None]
-    if not loggers:
-        return
-    run_id = checkpoint.get("impala", {}).get("wandb_run_id")
-    if run_id:
-        for logger in loggers:
-            # WandbLogger has no public setter; these are the fields its constructor fills from `id`.
-            logger._wandb_init.update(id=run_id, resume="allow")
-            logger._id = run_id
+def fit_summary(trainer) -> list[str]:
+    """What ``fit`` prints at the end: progress over all ranks, where the logs and checkpoints are."""
+    stats = EpisodeStats.of(trainer)
+    progress = stats.progress if stats is not None else None  # summed over DDP ranks
+    frames = int(progress.env_frames) if progress else 0
+    episodes = progress.episodes if progress else 0
+    mean_return = f"{progress.mean_return:.1f}" if episodes else "none finished"
+    lines = [f"Training stopped after {trainer.global_step} updates and {frames} env frames; "
+             f"mean return of the last {episodes} episodes: {mean_return}."]
+    for logger in trainer.loggers:
+        lines.append(f"Logs ({type(logger).__name__}): {_log_location(logger)}")
+    if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
+        lines.append(f"Checkpoints: {trainer.checkpoint_callback.dirpath}")
+    return lines
 
 
 def _log_location(logger) -> str:

@@ -1,0 +1,157 @@
+"""Actor processes on this machine: torchrl's multi-process collector, weights through a shared-memory
+mailbox, and restarts when an actor dies.
+
+Each actor process steps ``envs_per_actor`` envs (one batched torchrl env) with its own CPU copy of the
+policy and sends ``[envs_per_actor, unroll_length]`` rollouts as it finishes them (``MultiAsyncCollector``;
+``MultiSyncCollector`` when ``sync_actors``). An env that raises leaves its traceback in a file, so that the
+learner can say why an actor died.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import partial
+
+from tensordict import TensorDictBase
+from torch import nn
+from torchrl.collectors import MultiAsyncCollector, MultiSyncCollector
+from torchrl.weight_update import NoWeightSyncScheme
+
+from lit_impala.actors.mailbox import WeightMailbox
+from lit_impala.actors.policy import make_acting_policy
+from lit_impala.envs.factory import actor_seeds, make_vector_env
+
+log = logging.getLogger(__name__)
+
+
+class LocalActors:
+    """``num_actors`` actor processes (an ``actors.pool.ActorPool``).
+
+    When an actor process dies (killed, or its env raised), torchrl raises at once; all actors are then
+    restarted with the newest published weights and version (the mailbox outlives them), up to
+    ``max_restarts`` times in the run, and the stream goes on. After that, a ``RuntimeError`` names the env
+    and shows the actor's traceback.
+
+    Args:
+        env_id: gymnasium id.
+        network: the learner's network: the actors start with its weights, tagged ``version``.
+        network_factory: picklable callable building the same architecture (run in each actor).
+        num_actors, envs_per_actor, unroll_length: processes, envs per process, steps per rollout.
+        seed: base env seed; ``rank`` (DDP) and the actor index make each actor's seed distinct.
+        env_options: further ``make_vector_env`` options.
+        sync_actors: all actors finish a round together (``MultiSyncCollector``), for debugging.
+        max_restarts: restarts allowed in the run.
+    """
+
+    lost = 0  # a dead local actor is restarted, never given up on
+
+    def __init__(
+        self,
+        env_id: str,
+        network: nn.Module,
+        network_factory: Callable[[], nn.Module],
+        *,
+        num_actors: int,
+        envs_per_actor: int,
+        unroll_length: int,
+        seed: int,
+        rank: int = 0,
+        version: int = 0,
+        env_options: dict | None = None,
+        sync_actors: bool = False,
+        max_restarts: int = 3,
+    ):
+        self.env_id = env_id
+        self.restarts = 0
+        self.max_restarts = max_restarts
+        self._collector = None
+        self.mailbox = WeightMailbox(network)
+        # Before the workers exist: torchrl runs the policy once while building each worker.
+        self.mailbox.publish(network, version)
+        self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
+        env_fns = [
+            partial(make_vector_env, env_id, envs_per_actor, actor_seed, error_file=self._error_file(i),
+                    **(env_options or {}))
+            for i, actor_seed in enumerate(actor_seeds(seed, num_actors, rank))
+        ]
+        self._make_collector = partial(
+            MultiSyncCollector if sync_actors else MultiAsyncCollector,
+            env_fns,
+            policy_factory=partial(make_acting_policy, network_factory, self.mailbox),
+            frames_per_batch=envs_per_actor * unroll_length,
+            total_frames=-1,
+            # Weights travel through our mailbox only; see actors/mailbox.py for why.
+            weight_sync_schemes={"policy": NoWeightSyncScheme()},
+            storing_device="cpu",
+            env_device="cpu",
+            policy_device="cpu",
+            num_sub_threads=1,
+            auto_register_policy_transforms=False,
+            **({"cat_results": 0} if sync_actors else {}),
+        )
+        self._start()
+
+    def _start(self) -> None:
+        try:
+            self._collector = self._make_collector()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        while True:
+            try:
+                yield from self._collector
+                return
+            except RuntimeError as error:
+                why = self._actor_tracebacks() or f"{error} (no Python traceback: killed or crashed)"
+                if self.restarts >= self.max_restarts:
+                    raise RuntimeError(
+                        f"an actor stepping {self.env_id!r} failed again after {self.restarts} restarts "
+                        f"(data.max_actor_restarts={self.max_restarts}); stopping.\n{why}"
+                    ) from error
+                self.restarts += 1
+                log.warning("an actor stepping %r failed; restarting the actors (%d of %d):\n%s",
+                            self.env_id, self.restarts, self.max_restarts, why)
+                self._stop_collector()
+                self._clear_actor_tracebacks()
+                self._start()
+
+    def publish_weights(self, network: nn.Module, version: int) -> None:
+        self.mailbox.publish(network, version)
+
+    def shutdown(self) -> None:
+        """Stop the actor processes and free the mailbox; safe to call more than once."""
+        self._stop_collector()
+        if self._error_dir is not None:
+            shutil.rmtree(self._error_dir, ignore_errors=True)
+            self._error_dir = None
+        if self.mailbox is not None:
+            self.mailbox.close()
+            self.mailbox = None
+
+    def _stop_collector(self) -> None:
+        collector, self._collector = self._collector, None
+        if collector is not None:
+            try:
+                collector.shutdown()
+            except Exception as error:  # never let a failed shutdown hide the original error
+                log.warning("collector shutdown raised %r", error)
+
+    def _error_file(self, actor: int) -> str:
+        return os.path.join(self._error_dir, f"actor{actor}.traceback")
+
+    def _actor_tracebacks(self) -> str:
+        texts = []
+        for name in sorted(os.listdir(self._error_dir)) if self._error_dir else []:
+            with open(os.path.join(self._error_dir, name)) as f:
+                texts.append(f"{name.removesuffix('.traceback')} of env {self.env_id!r} raised:\n{f.read()}")
+        return "\n".join(texts)
+
+    def _clear_actor_tracebacks(self) -> None:
+        for name in os.listdir(self._error_dir):
+            os.remove(os.path.join(self._error_dir, name))

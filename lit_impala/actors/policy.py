@@ -1,0 +1,128 @@
+"""The actor side: the behaviour policy torchrl's collector runs in each actor process.
+
+``ActingPolicy`` holds a private CPU copy of the learner's network, refreshed from a
+``WeightMailbox`` between steps, samples actions and records what the learner needs to correct for
+the lag: the log-probability of each sample under the policy that drew it (``behaviour_log_prob``),
+the version of the weights that policy had (``policy_version``) and, for recurrent policies, the
+core state each step started from.
+"""
+
+from __future__ import annotations
+
+import copy
+import multiprocessing
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.nn import TensorDictModuleBase
+from torch import nn
+
+from lit_impala.actors.mailbox import WeightMailbox
+from lit_impala.schema import (
+    ACTION_KEY,
+    BEHAVIOUR_LOG_PROB_KEY,
+    CORE_STATE_KEYS,
+    IS_INIT_KEY,
+    OBSERVATION_KEY,
+    POLICY_SAMPLE_KEY,
+    POLICY_VERSION_KEY,
+)
+
+# An actor acts only with weights the learner published; it waits this long for the first ones.
+FIRST_WEIGHTS_TIMEOUT_S = 120.0
+
+
+class ActingPolicy(TensorDictModuleBase):
+    """Behaviour policy over a batch of N envs, one step at a time.
+
+    Reads ``observation [N, *obs]`` and ``is_init [N, 1]``; writes ``action``, ``policy_sample``,
+    ``behaviour_log_prob [N]``, ``policy_version [N]`` (int64: learner updates behind the weights
+    that acted) and, with an LSTM core, ``core_state_h`` / ``core_state_c`` ``[N, H]``: the state
+    carried into this step (before the reset that ``is_init`` implies, exactly what the learner is
+    given for the first step of an unroll).
+
+    Before each step it takes the newest complete snapshot from ``mailbox`` (if any): updates land
+    between steps only, so one step never mixes two versions of the weights.
+    """
+
+    in_keys = [OBSERVATION_KEY, IS_INIT_KEY]
+    out_keys = [ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, POLICY_VERSION_KEY, *CORE_STATE_KEYS]
+
+    def __init__(self, network: nn.Module, mailbox: WeightMailbox):
+        super().__init__()
+        self.network = network
+        self.mailbox = mailbox
+        self._sequence = 0
+        self._version = 0
+        self._owner_pid = None
+        self._core_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _refresh_weights(self) -> None:
+        if self._owner_pid != os.getpid():
+            # However torchrl shipped this module, the weights we act with are ours alone.
+            self.network = copy.deepcopy(self.network).requires_grad_(False)
+            self._owner_pid = os.getpid()
+            self._sequence = 0
+        got = self.mailbox.read_into(self.network, self._sequence)
+        deadline = None
+        while got is None and self._sequence == 0:  # never act with weights the learner did not send
+            deadline = deadline or time.monotonic() + FIRST_WEIGHTS_TIMEOUT_S
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no weights published to the actors within {FIRST_WEIGHTS_TIMEOUT_S} s")
+            time.sleep(0.001)
+            got = self.mailbox.read_into(self.network, self._sequence)
+        if got is not None:
+            self._sequence, self._version = got
+
+    @torch.no_grad()
+    def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
+        self._refresh_weights()
+        observation = tensordict.get(OBSERVATION_KEY)
+        num_envs = observation.shape[0]
+        is_init = tensordict.get(IS_INIT_KEY, None)
+        is_init = torch.ones(num_envs, dtype=torch.bool) if is_init is None else is_init.reshape(num_envs)
+
+        core_state = None
+        if self.network.use_lstm:
+            core_state = self._core_state
+            if core_state is None or core_state[0].shape[0] != num_envs:
+                core_state = self.network.initial_state(num_envs)
+            tensordict.set(CORE_STATE_KEYS[0], core_state[0])
+            tensordict.set(CORE_STATE_KEYS[1], core_state[1])
+
+        output = self.network(observation.unsqueeze(0), core_state, is_init.unsqueeze(0))  # T = 1
+        params = output.policy_params[0]
+        distribution = self.network.distribution
+        sample = distribution.sample(params)
+        if output.core_states is not None:
+            self._core_state = (output.core_states[0][0], output.core_states[1][0])
+
+        tensordict.set(ACTION_KEY, distribution.to_env_action(sample))
+        tensordict.set(POLICY_SAMPLE_KEY, sample)
+        tensordict.set(BEHAVIOUR_LOG_PROB_KEY, distribution.log_prob(params, sample))
+        tensordict.set(POLICY_VERSION_KEY, torch.full((num_envs,), self._version, dtype=torch.int64))
+        return tensordict
+
+
+def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    os._exit(1)  # the learner is gone: nobody will read what this actor produces
+
+
+def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
+    """Policy factory run inside each actor process: a fresh network that takes its weights from
+    ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        # Ctrl-C reaches the whole process group; the learner owns the actors and shuts them down
+        # itself after its last update (callbacks.GracefulInterrupt), so actors ignore SIGINT.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A learner killed with SIGKILL cannot shut anything down: the actor notices it is orphaned.
+        threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True, name="orphan-watch").start()
+    return ActingPolicy(network_factory(), mailbox)

@@ -1,0 +1,218 @@
+"""Remote actors: torchrl's ``DistributedCollector`` runs the actors on other hosts.
+
+The local actors (``data.ImpalaDataModule``) read their weights from a ``WeightMailbox`` in POSIX
+shared memory, which no other host can see. Here each actor is a torch.distributed *node* (ranks
+1..N; the learner is rank 0) started by torchrl's ``DistributedCollector``: ``launcher="mp"``
+starts the nodes as local processes (one machine, tests), ``"submitit"`` as SLURM jobs on other
+hosts, ``"external"`` waits for nodes started by hand (``python -m lit_impala.remote``) on any
+host that can reach the learner. Each node steps ``make_vector_env(env_id, envs_per_actor, seed)`` with a
+``RemoteActingPolicy`` and sends each ``[envs_per_actor, unroll_length]`` rollout to the learner
+as soon as it is done (``sync=False``: first finished, first served), which is what
+``data.UnrollStream`` regroups into learner batches.
+
+Weights travel with torchrl's own ``DistributedWeightSyncScheme`` (gloo send/recv, acknowledged
+through a TCPStore). The version travels *with* them: ``RemoteActingPolicy`` keeps it in a
+registered int64 buffer ``policy_version``, so it is part of the weights TensorDict torchrl sends,
+and every step is tagged with the version of the weights the node last received.
+
+Caveat (torchrl 0.14): a node receives weights in a background thread straight into its live
+module (the receive buffer shares storage with the module's parameters), so, unlike the mailbox
+path, a step that overlaps an update may act with partly updated weights. ``behaviour_log_prob``
+is still the exact log-probability of the sampled action under the parameters that produced it
+(one forward pass computes both), so V-trace stays correct; only that step's ``policy_version``
+may be one update off.
+
+A lost node (its process died, its SLURM job ended, or it answered nothing for ``node_timeout_s``)
+is dropped with a warning naming it, and the run goes on with the others; when none is left, the
+stream raises an error naming each lost node and why. A node cannot be restarted into a running
+torch.distributed group (torchrl 0.14 has no way to), so a lost node stays lost for the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from tensordict import TensorDict, TensorDictBase
+from torch import nn
+from torchrl.collectors.distributed import DistributedCollector
+
+from lit_impala.actors.node import RemoteActingPolicy
+from lit_impala.actors.remote_roster import NodeRoster, gloo_reason, reap, stop_weight_receivers
+
+log = logging.getLogger(__name__)
+
+_IDLE_SLEEP_S = 0.001  # between sweeps over the nodes when none had anything: don't burn the learner's core
+_ACK_POLL_S = 0.0002  # between looks for the nodes' weight acknowledgements (they come within milliseconds)
+
+
+class RemoteActors:
+    """Actor nodes that behave like our local collectors.
+
+    Iterating yields one node's rollout ``[envs_per_actor, unroll_length]`` at a time (every
+    ``iter()`` continues the same stream); ``publish_weights`` sends new weights to every node and
+    returns once each node has them; ``shutdown`` stops the nodes (safe to call more than once).
+    Built by ``actors.remote_launch.make_remote_collector``.
+
+    Losing a node: ``nodes.lost`` maps each lost node's rank to why (``"node 2 (pid 4242): its process
+    exited with code -9 (SIGKILL)"``); ``lost`` counts them. A node is lost when its process exits ("mp"
+    launcher) or its SLURM job ends ("submitit"), seen within ``_HEALTH_CHECK_EVERY_S``; for every launcher (the only
+    signs for nodes started by hand), when gloo finds its connection closed as the learner next talks
+    to it, or when it delivers no rollout for ``node_timeout_s`` after being asked for one, or does not
+    acknowledge new weights within ``node_timeout_s`` (hung, or its host is gone). A lost node
+    gets a warning and is never asked again ("mp": its process is killed, should it still run); with
+    none left, iterating or publishing raises ``RuntimeError`` naming each lost node.
+
+    Why not torchrl's own iterator: in torchrl 0.14 ``DistributedCollector``'s async loop has no
+    liveness check. It spins forever once every node is dead, may block forever on a dead node's
+    receive (a stale ``done`` status from the node's previous round is read as a new one), and its
+    weight publish waits an hour for a dead node's acknowledgement and blocks in gloo's send to a
+    node that is frozen. This class speaks the same store protocol with torchrl's nodes unchanged
+    (``NODE_r_in``: ``continue``, ``NODE_r_status``: ``done``, rollouts by gloo send/recv; weights:
+    ``update_weights`` then an ``updated`` acknowledgement) but never blocks on one node. It relies on
+    torchrl internals: the collector's ``_store`` and receive buffers ``_tensordict_out``, and the
+    weight scheme's ``_store`` and ``_send_instruction``.
+    """
+
+    def __init__(self, collector: DistributedCollector, policy: RemoteActingPolicy, node_timeout_s: float = 60.0):
+        self.collector = collector
+        self.policy = policy  # the learner's CPU copy: what torchrl sends to the nodes
+        self.node_timeout_s = node_timeout_s
+        self.nodes = NodeRoster(getattr(collector, "jobs", None), collector.num_workers)
+        self.restarts = 0  # a lost node cannot be restarted (see the module docstring)
+        self._rollouts: Iterator[TensorDictBase] | None = None
+        self._asked_at: dict[int, float] = {}  # rank -> when it was last asked for a rollout
+        self._receives: dict[int, list] = {}  # rank -> gloo works of the rollout it was asked for
+        self._orphans: list = []  # gloo works to lost nodes: kept referenced until the group is destroyed
+        self._last_served = 0
+
+    @property
+    def lost(self) -> int:
+        """Nodes lost so far (``nodes.lost`` says which and why)."""
+        return len(self.nodes.lost)
+
+    def __iter__(self) -> Iterator[TensorDictBase]:
+        if self.collector is None:
+            raise RuntimeError("the remote actors were shut down")
+        if not self.nodes.live:
+            raise self.nodes.none_left_error()
+        # One stream for the collector's whole life: a second one would post a second receive per
+        # node for the same messages.
+        if self._rollouts is None:
+            self._rollouts = self._stream()
+        return self._rollouts
+
+    def _stream(self) -> Iterator[TensorDictBase]:
+        for rank in list(self.nodes.live):
+            self._ask(rank)
+        while True:
+            rank, rollout = self._next_delivery()
+            yield rollout
+            # As torchrl does: the node goes on only after the learner took its rollout (and, in
+            # between, maybe published new weights), which keeps the policy lag low.
+            if rank in self.nodes.live:
+                self._ask(rank)
+
+    def _ask(self, rank: int) -> None:
+        """Post the receive for node ``rank``'s next rollout, then ask the node for it."""
+        try:
+            # Raises at once if gloo already saw the node's connection close (it died).
+            self._receives[rank] = self.collector._tensordict_out[rank - 1].irecv(src=rank, return_premature=True)
+        except RuntimeError as error:
+            self.nodes.drop(rank, f"it cannot be reached ({gloo_reason(error)})")
+            return
+        # Before "continue": a "done" left from the node's previous round must never read as this one's.
+        self.collector._store.set(f"NODE_{rank}_status", b"asked")
+        self.collector._store.set(f"NODE_{rank}_in", b"continue")
+        self._asked_at[rank] = time.monotonic()
+
+    def _next_delivery(self) -> tuple[int, TensorDictBase]:
+        """Wait for the next rollout, polling the live nodes round-robin; drop lost ones on the way."""
+        store = self.collector._store
+        while True:
+            self.nodes.check_health()
+            if not self.nodes.live:
+                raise self.nodes.none_left_error()
+            now = time.monotonic()
+            order = [r for r in self.nodes.live if r > self._last_served] + [
+                r for r in self.nodes.live if r <= self._last_served
+            ]
+            for rank in order:
+                if store.get(f"NODE_{rank}_status") == b"done":  # the node's send is complete
+                    try:
+                        for work in self._receives.pop(rank):
+                            work.wait()
+                    except RuntimeError as error:
+                        self.nodes.drop(rank, f"its rollout did not arrive ({gloo_reason(error)})")
+                        break
+                    self._last_served = rank
+                    return rank, self.collector._tensordict_out[rank - 1].clone()
+                silent_s = now - self._asked_at[rank]
+                if silent_s > self.node_timeout_s:
+                    self.nodes.drop(rank, f"silent for {silent_s:.1f} s: no rollout since it was asked for one "
+                                     f"(remote_node_timeout_s={self.node_timeout_s:g})")
+                    break
+            else:
+                time.sleep(_IDLE_SLEEP_S)
+
+    def publish_weights(self, network: nn.Module, version: int) -> None:
+        """Make ``network``'s weights, tagged ``version``, the ones every live node acts with next.
+
+        Returns once each live node acknowledged them; a node that does not within
+        ``node_timeout_s`` (or dies meanwhile) is dropped instead.
+        """
+        self.policy.load_learner_weights(network, version)
+        self.nodes.check_health(force=True)
+        if not self.nodes.live:
+            raise self.nodes.none_left_error()
+        scheme = self.collector._weight_sync_schemes["policy"]
+        weights = TensorDict.from_module(self.policy)  # what torchrl's scheme.send would extract
+        sends: dict[int, list] = {}
+        for rank in list(self.nodes.live):
+            try:
+                scheme._send_instruction("receive", worker_ids=rank - 1)  # NODE_r_in: update_weights
+                # Not waited on here: gloo's send only completes once the node posted its receive.
+                sends[rank] = weights.isend(rank, return_early=True)
+            except RuntimeError as error:
+                self.nodes.drop(rank, f"sending it new weights failed ({gloo_reason(error)})")
+        started = time.monotonic()
+        while sends:
+            for rank in list(sends):
+                if scheme._store.check([f"NODE_{rank}_out"]):
+                    scheme.sender_transports[rank - 1].wait_ack()  # reads (at once) and clears the ack
+                    works = sends.pop(rank)
+                    try:
+                        for work in works:
+                            work.wait()  # already complete: the node has the weights
+                    except RuntimeError as error:
+                        self.nodes.drop(rank, f"sending it new weights failed ({gloo_reason(error)})")
+            if not sends:
+                break
+            self.nodes.check_health()
+            silent_s = time.monotonic() - started
+            for rank in list(sends):
+                if rank in self.nodes.live and silent_s > self.node_timeout_s:
+                    self.nodes.drop(rank, f"silent for {silent_s:.1f} s: no acknowledgement of new weights "
+                                     f"(remote_node_timeout_s={self.node_timeout_s:g})")
+                if rank not in self.nodes.live:
+                    self._orphans.append(sends.pop(rank))
+            time.sleep(_ACK_POLL_S)
+        if not self.nodes.live:
+            raise self.nodes.none_left_error()
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        collector = self.collector
+        if collector is None:
+            return
+        try:
+            self.nodes.check_health(force=True)
+            stop_weight_receivers(collector)
+            for rank in self.nodes.lost:  # torchrl waits for each node's goodbye: lost ones never say it
+                collector._store.set(f"NODE_{rank}_out", b"down")
+            collector.shutdown()
+        finally:
+            self.collector, self._rollouts = None, None
+            reap(collector, timeout_s)
+            self._receives.clear()
+            self._orphans.clear()

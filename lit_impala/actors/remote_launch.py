@@ -1,0 +1,133 @@
+"""Starting remote actor nodes: torchrl's ``DistributedCollector`` behind ``actors.remote.RemoteActors``.
+
+``launcher="mp"`` starts the nodes as local processes (one machine, tests), ``"submitit"`` as SLURM jobs,
+``"external"`` waits for nodes started by hand (``python -m lit_impala.remote``) on any host that can
+reach the learner.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torchrl.collectors import Collector
+from torchrl.collectors.distributed import DistributedCollector
+
+from lit_impala.actors.node import RemoteActingPolicy, make_remote_env
+from lit_impala.actors.remote import RemoteActors
+from lit_impala.actors.remote_roster import reap
+from lit_impala.envs.factory import actor_seeds
+
+# ours -> torchrl's: "external" nodes are started by hand; torchrl calls that mode "submitit_delayed".
+LAUNCHERS = {"mp": "mp", "submitit": "submitit", "external": "submitit_delayed"}
+
+
+def find_free_port(span: int = 3, attempts: int = 50) -> int:
+    """A TCP port ``p`` with ``p .. p + span - 1`` free now: ``DistributedCollector`` rendezvous on
+    ``p`` and puts its stores on ``p + 1`` and ``p + 2`` (those two move elsewhere if taken)."""
+    for _ in range(attempts):
+        with socket.socket() as probe:
+            probe.bind(("", 0))
+            port = probe.getsockname()[1]
+        if port + span > 65536:
+            continue
+        try:
+            for offset in range(1, span):
+                with socket.socket() as probe:
+                    probe.bind(("", port + offset))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError(f"found no {span} consecutive free TCP ports")
+
+
+def make_remote_collector(
+    env_id: str,
+    network: nn.Module,
+    network_factory: Callable[[], nn.Module],
+    *,
+    num_actors: int,
+    envs_per_actor: int,
+    unroll_length: int,
+    version: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    env_options: dict | None = None,
+    launcher: str = "mp",
+    backend: str = "gloo",
+    tcp_port: int | None = None,
+    slurm_kwargs: dict | None = None,
+    node_timeout_s: float = 60.0,
+) -> RemoteActors:
+    """Start ``num_actors`` actor nodes with torchrl's ``DistributedCollector``.
+
+    Args:
+        env_id: gymnasium id (as for ``ImpalaDataModule``).
+        network: the learner's network: the nodes start with its weights, tagged ``version``.
+        network_factory: picklable callable building the same architecture (the learner's CPU copy,
+            pickled to the nodes: ``lit_impala`` must be importable there).
+        num_actors: actor nodes (torch.distributed world size ``num_actors + 1``), each stepping
+            ``envs_per_actor`` envs with batched inference; more actors on a host = more nodes.
+        envs_per_actor: envs stepped together on a node.
+        unroll_length: T: each rollout a node sends is ``[envs_per_actor, unroll_length]``.
+        version: learner update count of ``network``'s weights.
+        seed, rank: one env seed per node, ``envs.actor_seeds(seed, num_actors, rank)``.
+        env_options: further ``make_vector_env`` options (``max_episode_steps``, ``observation_key``...).
+        launcher: ``"mp"``: the nodes are processes on this machine (localhost; tests);
+            ``"submitit"``: one SLURM job per node (``slurm_kwargs`` go to
+            ``submitit.AutoExecutor.update_parameters``; needs ``pip install submitit``);
+            ``"external"``: this call blocks until ``num_actors`` nodes started by hand joined,
+            each with ``python -m lit_impala.remote --learner HOST --port tcp_port --rank R
+            --world-size num_actors+1`` (R = 1..num_actors), on any host that reaches this one.
+        backend: torch.distributed backend for rollouts and weights (``"gloo"``: CPU tensors).
+        tcp_port: rendezvous port on the learner's host (torchrl also uses the next two); None:
+            a free one ("mp" and "submitit" only).
+        node_timeout_s: a node that delivers no rollout for this long after being asked for one, or
+            does not acknowledge new weights within it, is lost (see ``RemoteActors``).
+
+    The learner process becomes rank 0 of torch.distributed's *default* process group (torchrl's
+    design), so it cannot also be a DDP rank: remote actors need a single-process learner.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
+    if launcher == "external" and tcp_port is None:
+        raise ValueError('launcher="external" needs the tcp_port the nodes were told to join')
+    if not node_timeout_s > 0:
+        raise ValueError(f"node_timeout_s must be > 0 (seconds), got {node_timeout_s!r}")
+    if torch.distributed.is_initialized():
+        raise RuntimeError(
+            "remote actors make this process rank 0 of torch.distributed's default process group, "
+            "but one is already initialized (a DDP learner?): use a single-process learner"
+        )
+    policy = RemoteActingPolicy(network_factory().to("cpu"))
+    policy.load_learner_weights(network, version)
+    env_options = dict(env_options or {})
+    env_fns = [
+        partial(make_remote_env, env_id, envs_per_actor, s, env_options) for s in actor_seeds(seed, num_actors, rank)
+    ]
+    frames_per_batch = envs_per_actor * unroll_length
+    # __new__ then __init__: if the rendezvous fails after nodes were launched, we still hold them.
+    collector = DistributedCollector.__new__(DistributedCollector)
+    try:
+        collector.__init__(
+            env_fns,
+            policy,  # pickled to each node; RemoteActors.publish_weights sends its new weights
+            frames_per_batch=frames_per_batch,
+            total_frames=-1,  # endless: our own loop never reads it
+            collector_class=Collector,  # one batched env per node
+            collector_kwargs={"auto_register_policy_transforms": False},
+            num_workers_per_collector=1,
+            device="cpu",
+            sync=False,
+            backend=backend,
+            launcher=LAUNCHERS[launcher],
+            tcp_port=find_free_port() if tcp_port is None else tcp_port,
+            slurm_kwargs=slurm_kwargs,
+        )
+    except BaseException:
+        reap(collector, timeout_s=0.0)
+        raise
+    return RemoteActors(collector, policy, node_timeout_s)

@@ -1,0 +1,20 @@
+"""Lightning callbacks: weight sync, episode statistics and the stop rule, evaluation, run control,
+progress display. ``ImpalaModule.configure_callbacks`` attaches the ones a run cannot do without."""
+
+from lit_impala.callbacks.actor_sync import ActorWeightSync
+from lit_impala.callbacks.episode_stats import EpisodeStats, Progress
+from lit_impala.callbacks.evaluation import EvaluationCallback, TestReport
+from lit_impala.callbacks.progress import ProgressBar
+from lit_impala.callbacks.run_control import CheckpointFormat, FinalCheckpoint, GracefulInterrupt
+
+__all__ = [
+    "ActorWeightSync",
+    "CheckpointFormat",
+    "EpisodeStats",
+    "EvaluationCallback",
+    "FinalCheckpoint",
+    "GracefulInterrupt",
+    "Progress",
+    "ProgressBar",
+    "TestReport",
+]

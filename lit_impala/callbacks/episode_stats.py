@@ -1,0 +1,173 @@
+"""Training progress: env frames, the recent episodes, speed, and the stop rule, over all DDP ranks.
+
+``EpisodeStats`` counts what each applied update consumed (its batch's frames and finished episodes),
+sums it over the DDP ranks once per update, logs it, and stops training once the mean return of the
+recent episodes reaches ``stop_at_return``. Its counts are saved in checkpoints (``state_dict``), so a
+resumed run goes on counting where it stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from typing import NamedTuple
+
+import lightning as L
+import torch
+
+from lit_impala.callbacks.histograms import log_histograms
+from lit_impala.config import PositiveInt, check_arguments
+from lit_impala.schema import to_time_major
+
+
+class Progress(NamedTuple):
+    """Training progress over all ranks: frames consumed and the recent-episode window of each rank."""
+
+    env_frames: float
+    episodes: int
+    mean_return: float
+    mean_length: float
+    windows_full: bool  # every rank has ``return_window`` finished episodes
+
+
+class EpisodeStats(L.Callback):
+    """Frames, episode returns and lengths, frames/s, and the stop rule.
+
+    Logged every ``trainer.log_every_n_steps`` updates and at the last one, whatever ended the run:
+    ``env_frames``, ``frames_per_second``, ``updates_per_second``, ``time/data_wait_fraction``,
+    ``episode/return`` and ``episode/length`` (once an episode has finished; sums over DDP ranks),
+    their histograms (this rank's episodes), ``actor_restarts`` and ``actors_lost``; ``frames``, ``fps``
+    and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets ``trainer.should_stop``,
+    so that Lightning writes the last update's row to the loggers.
+
+    Args:
+        stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
+            every rank reaches this value (None: run to ``trainer.max_steps``). Every rank takes the
+            decision at the same update: the figures are global.
+        return_window: number of recent episodes (per rank) the mean return is taken over.
+    """
+
+    def __init__(self, stop_at_return: float | None = None, return_window: PositiveInt = 100):
+        check_arguments(EpisodeStats.__init__, locals())
+        self.stop_at_return = stop_at_return
+        self.return_window = return_window
+        self.env_frames = 0  # env steps consumed by this rank's learner
+        self.episode_returns: deque[float] = deque(maxlen=return_window)
+        self.episode_lengths: deque[float] = deque(maxlen=return_window)
+        self.progress: Progress | None = None  # over all ranks, as of the last update
+        self._clock: tuple[float, float, int, float] | None = None  # (time, frames, step, waited) at the last log
+        self._batch_end_time: float | None = None
+        self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
+
+    @staticmethod
+    def of(trainer: L.Trainer) -> EpisodeStats | None:
+        """The trainer's ``EpisodeStats`` callback, if it has one."""
+        return next((callback for callback in trainer.callbacks if isinstance(callback, EpisodeStats)), None)
+
+    @property
+    def mean_return(self) -> float:
+        """Mean return of this rank's last ``return_window`` finished episodes (nan before the first)."""
+        return sum(self.episode_returns) / len(self.episode_returns) if self.episode_returns else math.nan
+
+    # --- hooks ---
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Lightning fetched this batch just before: the gap since the last update is data wait.
+        if self._batch_end_time is not None:
+            self._data_wait_s += time.perf_counter() - self._batch_end_time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # After the optimizer step (global_step counts this update): its frames and episodes count now.
+        now = time.perf_counter()
+        self._batch_end_time = now
+        trajectory = to_time_major(batch)
+        self.env_frames += trajectory.reward.numel()
+        done = trajectory.done
+        if done.any():
+            self.episode_returns.extend(trajectory.episode_return[done].tolist())
+            self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+        progress = self.progress = self._across_ranks(trainer, pl_module.device)
+        target = self.stop_at_return
+        if target is not None and progress.windows_full and progress.mean_return >= target:
+            pl_module.print(
+                f"Reached a mean return of {progress.mean_return:.1f} over the last {progress.episodes} episodes "
+                f"(target {target}) after {int(progress.env_frames)} env frames and {trainer.global_step} updates: "
+                "stopping."
+            )
+            trainer.should_stop = True
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
+            # Lightning writes a step's metrics to the loggers every log_every_n_steps or when should_stop is
+            # set: setting it here makes the last update's row reach the loggers (the run ends either way).
+            trainer.should_stop = True
+        if trainer.should_stop or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self._log(trainer, pl_module, progress, now)
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: Progress, now: float) -> None:
+        datamodule = trainer.datamodule
+        metrics = {
+            "env_frames": progress.env_frames,
+            "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
+            "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
+        }
+        if self._clock is not None and now > self._clock[0]:
+            then, frames, step, waited = self._clock
+            metrics["frames_per_second"] = (progress.env_frames - frames) / (now - then)
+            metrics["updates_per_second"] = (trainer.global_step - step) / (now - then)
+            metrics["time/data_wait_fraction"] = (self._data_wait_s - waited) / (now - then)
+            pl_module.log("fps", metrics["frames_per_second"], prog_bar=True)
+        self._clock = (now, progress.env_frames, trainer.global_step, self._data_wait_s)
+        if progress.episodes:  # no return before an episode has finished (0 would read as a real return)
+            metrics["episode/return"] = progress.mean_return
+            metrics["episode/length"] = progress.mean_length
+            log_histograms(  # this rank's episodes
+                pl_module.loggers,
+                {"episode/return_hist": list(self.episode_returns), "episode/length_hist": list(self.episode_lengths)},
+                trainer.global_step,
+            )
+            pl_module.log("return", progress.mean_return, prog_bar=True)
+        pl_module.log_dict(metrics)
+        pl_module.log("frames", progress.env_frames, prog_bar=True)
+
+    def _across_ranks(self, trainer: L.Trainer, device: torch.device) -> Progress:
+        """Env frames and recent episodes summed over all DDP ranks (one all-reduce per update, none
+        without DDP), so every rank logs the same global figures and takes the same stop decision."""
+        local = torch.tensor(
+            [
+                self.env_frames,
+                sum(self.episode_returns),
+                len(self.episode_returns),
+                sum(self.episode_lengths),
+                float(len(self.episode_returns) == self.return_window),
+            ],
+            dtype=torch.float64,
+        )
+        if trainer.world_size > 1:
+            local = trainer.strategy.reduce(local.to(device), reduce_op="sum").cpu()
+        frames, return_sum, episodes, length_sum, full = local.tolist()
+        return Progress(
+            env_frames=frames,
+            episodes=int(episodes),
+            mean_return=return_sum / episodes if episodes else math.nan,
+            mean_length=length_sum / episodes if episodes else math.nan,
+            windows_full=int(full) == trainer.world_size,
+        )
+
+    # --- checkpoints ---
+
+    def state_dict(self) -> dict:
+        return {
+            "env_frames": self.env_frames,
+            "episode_returns": list(self.episode_returns),
+            "episode_lengths": list(self.episode_lengths),
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.env_frames = int(state_dict.get("env_frames", 0))
+        self.episode_returns.extend(state_dict.get("episode_returns", []))
+        self.episode_lengths.extend(state_dict.get("episode_lengths", []))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        # Checkpoints of format 1 (before callbacks saved state) kept these counts under "impala".
+        if self.state_key not in checkpoint.get("callbacks", {}) and "impala" in checkpoint:
+            self.load_state_dict(checkpoint["impala"])

@@ -1,0 +1,127 @@
+"""IMPALA loss terms (Espeholt et al. 2018, section 4.2): V-trace policy gradient, baseline regression and
+entropy bonus.
+
+Pure functions on time-major ``[T, B]`` tensors. The reduction is a documented choice: we default to
+``reduction="sum"`` over time and batch, as the paper and TorchBeast do, because the paper's optimiser
+settings assume it: RMSprop with ``eps=0.01`` divides by ``sqrt(mean g^2) + eps``, so summed gradients
+(magnitude ~1) make the update nearly scale-free, while a mean over T * B (gradients ~1e-3) would be
+dominated by ``eps`` and silently shrink the learning rate. ``reduction="mean"`` is there for optimisers
+without that coupling (e.g. Adam with a small eps).
+"""
+
+from typing import NamedTuple
+
+from torch import Tensor
+
+from lit_impala.core.vtrace import VTraceFromLogProbsReturns, VTraceReturns
+
+REDUCTIONS = ("sum", "mean")
+
+
+class LossTerms(NamedTuple):
+    """The scalar IMPALA loss and its parts.
+
+    ``total`` is the weighted sum that is minimised,
+    ``policy + baseline_coef * baseline + ent_coef * entropy``. ``policy``, ``baseline`` and
+    ``entropy`` are the UNWEIGHTED terms (so they can be logged independently of the coefficients);
+    ``entropy`` is the entropy *loss*, i.e. minus the (reduced) policy entropy.
+    """
+
+    total: Tensor
+    policy: Tensor
+    baseline: Tensor
+    entropy: Tensor
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _reduce(x: Tensor, reduction: str) -> Tensor:
+    _check_reduction(reduction)
+    return x.sum() if reduction == "sum" else x.mean()
+
+
+def _check_same_shape(name_a: str, a: Tensor, name_b: str, b: Tensor) -> None:
+    # Silent broadcasting of e.g. [T, B] against [T, B, 1] would yield a [T, B, B] loss that still trains.
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)} must have the same shape")
+
+
+def policy_gradient_loss(target_log_prob: Tensor, pg_advantages: Tensor, reduction: str = "sum") -> Tensor:
+    """V-trace policy-gradient loss, ``-reduce(log pi(a_t|x_t) * A_t)``.
+
+    Args:
+        target_log_prob: ``[T, B]`` log pi(a_t|x_t) of the taken actions under the learner policy.
+        pg_advantages: ``[T, B]`` V-trace advantages; treated as constants (detached).
+        reduction: ``"sum"`` (default; paper / TorchBeast) or ``"mean"`` (over T * B).
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_same_shape("target_log_prob", target_log_prob, "pg_advantages", pg_advantages)
+    return _reduce(-target_log_prob * pg_advantages.detach(), reduction)
+
+
+def baseline_loss(vs: Tensor, values: Tensor, reduction: str = "sum") -> Tensor:
+    """Baseline regression towards the V-trace targets, ``reduce(0.5 * (vs - V(x_t))^2)``.
+
+    Args:
+        vs: ``[T, B]`` V-trace targets; treated as constants (detached).
+        values: ``[T, B]`` V(x_t) from the learner's baseline.
+        reduction: ``"sum"`` (default; paper / TorchBeast) or ``"mean"`` (over T * B).
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_same_shape("vs", vs, "values", values)
+    return _reduce(0.5 * (vs.detach() - values) ** 2, reduction)
+
+
+def entropy_loss(entropy: Tensor, reduction: str = "sum") -> Tensor:
+    """Entropy loss, ``-reduce(H(pi(.|x_t)))``: minimising it maximises the policy entropy.
+
+    Args:
+        entropy: ``[T, B]`` entropy of the learner policy at each step.
+        reduction: ``"sum"`` (default; paper / TorchBeast) or ``"mean"`` (over T * B).
+
+    Returns:
+        Scalar tensor.
+    """
+    return -_reduce(entropy, reduction)
+
+
+def impala_loss(
+    target_log_prob: Tensor,
+    entropy: Tensor,
+    values: Tensor,
+    vtrace_returns: VTraceReturns | VTraceFromLogProbsReturns,
+    baseline_coef: float = 0.5,
+    ent_coef: float = 0.01,
+    reduction: str = "sum",
+) -> LossTerms:
+    """Full IMPALA loss, ``policy + baseline_coef * baseline + ent_coef * entropy``.
+
+    Args:
+        target_log_prob: ``[T, B]`` log pi(a_t|x_t) of the taken actions under the learner policy.
+        entropy: ``[T, B]`` entropy of the learner policy.
+        values: ``[T, B]`` V(x_t) from the learner's baseline.
+        vtrace_returns: provides ``vs`` and ``pg_advantages``, both ``[T, B]`` (gradient-free).
+        baseline_coef: weight of the baseline loss (TorchBeast's ``baseline_cost``).
+        ent_coef: weight of the entropy loss (TorchBeast's ``entropy_cost``).
+        reduction: ``"sum"`` (default) sums every term over time and batch as the paper and
+            TorchBeast do (what RMSprop's ``eps=0.01`` assumes); ``"mean"`` averages over T * B.
+
+    Returns:
+        ``LossTerms`` of scalars: the weighted ``total`` and the unweighted ``policy``, ``baseline``
+        and ``entropy`` terms.
+    """
+    _check_reduction(reduction)
+    _check_same_shape("entropy", entropy, "target_log_prob", target_log_prob)
+    _check_same_shape("values", values, "target_log_prob", target_log_prob)
+    policy = policy_gradient_loss(target_log_prob, vtrace_returns.pg_advantages, reduction)
+    baseline = baseline_loss(vtrace_returns.vs, values, reduction)
+    entropy_term = entropy_loss(entropy, reduction)
+    total = policy + baseline_coef * baseline + ent_coef * entropy_term
+    return LossTerms(total=total, policy=policy, baseline=baseline, entropy=entropy_term)

@@ -1,0 +1,249 @@
+"""The agent network shared by actors and learner: observation encoder -> optional LSTM core -> policy
+and baseline heads, with one time-major forward ``[T, B, *obs] -> AgentOutput``.
+
+Plain ``nn.Module``s; nothing here knows about TensorDicts, torchrl or Lightning.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lit_impala.core.distributions import ActionDistribution, Categorical, DiagGaussian
+from lit_impala.core.encoders import (
+    ENCODERS,
+    MLPEncoder,
+    NatureCNNEncoder,
+    ObservationNormalizer,
+    ResNetEncoder,
+)
+
+INIT_FNS = ("orthogonal", "xavier_uniform", "identity")
+
+CoreState = tuple[Tensor, Tensor]  # (h, c), each [B, H]
+
+
+class AgentOutput(NamedTuple):
+    """What one forward pass of the agent returns (time-major)."""
+
+    policy_params: Tensor  # [T, B, P] the action distribution's parameters (logits, or mean and log std)
+    baseline: Tensor  # [T, B] state value V(x_t)
+    core_states: CoreState | None = None  # (h, c) each [T, B, H]: the LSTM state AFTER step t; None without LSTM
+
+    @property
+    def policy_logits(self) -> Tensor:
+        """Alias of ``policy_params`` for callers written when every policy was categorical."""
+        return self.policy_params
+
+
+# --- the agent -----------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+class ImpalaAgent(nn.Module):
+    """Encoder -> optional LSTM core -> policy head ``[..., P]`` and baseline head ``[...]``.
+
+    The same module acts (actors, ``T = 1``) and learns (learner, ``T`` = unroll length), so both
+    compute the policy in exactly one way.
+
+    Args:
+        observation_shape: shape of one observation: ``(size,)`` for "mlp", ``(C, H, W)`` for pixels.
+        distribution: the action distribution; fixes the policy head's size ``distribution.param_size``.
+        encoder: "mlp" (vectors), "resnet" (IMPALA deep net) or "nature" (DQN Nature CNN).
+        hidden_dim: width of the MLP encoder's hidden layer (unused by pixel encoders).
+        feature_dim: encoder output size (the papers use 256 for "resnet", 512 for "nature").
+        use_lstm: add an LSTM core between encoder and heads, reset at episode starts.
+        lstm_hidden_dim: H, the LSTM state size (TorchBeast uses 256 on Atari).
+        init_fn: "orthogonal" or "xavier_uniform" (gain sqrt(2) for ReLU layers, zero biases, small
+            policy head), or "identity" to keep PyTorch's default init everywhere.
+        policy_init_scale: policy-head gain; 0.01 makes the initial policy near-uniform (high entropy).
+        value_init_scale: baseline-head gain.
+        log_std_init: initial log std of a Gaussian policy (ignored for discrete actions).
+        state_dependent_std: Gaussian only: the head outputs log std too, instead of one learned
+            state-independent ``log_std`` parameter (ignored for discrete actions).
+        normalize_observations: normalise vector observations with running statistics (``normalizer``;
+            the learner calls ``normalizer.update``). Pixel encoders scale uint8 by 1/255 instead.
+    """
+
+    def __init__(
+        self,
+        observation_shape: tuple[int, ...],
+        distribution: ActionDistribution,
+        encoder: str = "mlp",
+        hidden_dim: int = 64,
+        feature_dim: int = 64,
+        use_lstm: bool = False,
+        lstm_hidden_dim: int = 128,
+        init_fn: str = "orthogonal",
+        policy_init_scale: float = 0.01,
+        value_init_scale: float = 1.0,
+        log_std_init: float = 0.0,
+        state_dependent_std: bool = False,
+        normalize_observations: bool = False,
+    ):
+        super().__init__()
+        _check_choice("encoder", encoder, ENCODERS)
+        _check_choice("init_fn", init_fn, INIT_FNS)
+        self.observation_shape = tuple(int(s) for s in observation_shape)
+        self.distribution = distribution
+        self.encoder_name = encoder
+        self.use_lstm = use_lstm
+        self.is_pixel = encoder != "mlp"
+
+        # 1. encoder
+        needed_dims = 3 if self.is_pixel else 1
+        if len(self.observation_shape) != needed_dims:
+            expects = "(C, H, W) images" if self.is_pixel else "1-D vectors"
+            raise ValueError(f"encoder {encoder!r} expects {expects}, got observation shape {self.observation_shape}")
+        if normalize_observations and self.is_pixel:
+            raise ValueError(f"normalize_observations is for vector observations, not encoder {encoder!r}")
+        self.normalizer = ObservationNormalizer(self.observation_shape) if normalize_observations else None
+        if encoder == "mlp":
+            self.encoder = MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
+        elif encoder == "resnet":
+            self.encoder = ResNetEncoder(self.observation_shape, feature_dim)
+        else:
+            self.encoder = NatureCNNEncoder(self.observation_shape, feature_dim)
+
+        # 2. core
+        self.core = nn.LSTM(feature_dim, lstm_hidden_dim) if use_lstm else None
+        core_size = lstm_hidden_dim if use_lstm else feature_dim
+
+        # 3. heads; a state-independent Gaussian std is a parameter broadcast next to the head's mean
+        gaussian = isinstance(distribution, DiagGaussian)
+        learned_log_std = gaussian and not state_dependent_std
+        self.policy_head = nn.Linear(core_size, distribution.action_dim if learned_log_std else distribution.param_size)
+        self.baseline_head = nn.Linear(core_size, 1)
+        if learned_log_std:
+            self.log_std = nn.Parameter(torch.full((distribution.action_dim,), float(log_std_init)))
+        else:
+            self.register_parameter("log_std", None)
+
+        # 4. initialisation
+        self._initialize(init_fn, policy_init_scale, value_init_scale)
+        if gaussian and state_dependent_std:
+            with torch.no_grad():  # start at std = exp(log_std_init) whatever the state
+                self.policy_head.bias[distribution.action_dim :].fill_(float(log_std_init))
+
+    def _initialize(self, init_fn: str, policy_init_scale: float, value_init_scale: float) -> None:
+        """rllte / CleanRL-style init; "identity" keeps PyTorch's defaults untouched."""
+        if init_fn == "identity":
+            return
+        init_weight = nn.init.orthogonal_ if init_fn == "orthogonal" else nn.init.xavier_uniform_
+        relu_gain = nn.init.calculate_gain("relu")  # sqrt(2): keeps activations' scale through ReLUs
+        for module in self.encoder.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                init_weight(module.weight, gain=relu_gain)
+                nn.init.zeros_(module.bias)
+        if self.core is not None:
+            # Orthogonal recurrent weights keep the state's norm over many steps; xavier for the input map.
+            for name, param in self.core.named_parameters():
+                if name.startswith("weight_hh"):
+                    nn.init.orthogonal_(param)
+                elif name.startswith("weight_ih"):
+                    nn.init.xavier_uniform_(param)
+                else:
+                    nn.init.zeros_(param)
+        for head, gain in ((self.policy_head, policy_init_scale), (self.baseline_head, value_init_scale)):
+            init_weight(head.weight, gain=gain)
+            nn.init.zeros_(head.bias)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> CoreState | None:
+        """Zero LSTM state ``(h, c)``, each ``[batch_size, H]``; ``None`` without LSTM."""
+        if self.core is None:
+            return None
+        weight = self.core.weight_hh_l0
+        zeros = torch.zeros(batch_size, self.core.hidden_size, dtype=weight.dtype, device=device or weight.device)
+        return zeros, zeros.clone()
+
+    def forward(
+        self, observation: Tensor, core_state: CoreState | None = None, is_init: Tensor | None = None
+    ) -> AgentOutput:
+        """One forward for acting (``T = 1``) and learning.
+
+        Args:
+            observation: ``[T, B, *observation_shape]`` (without LSTM, any leading dims are accepted).
+            core_state: ``(h, c)`` each ``[B, H]``, the state entering step 0; zeros when ``None``.
+                Ignored without LSTM.
+            is_init: ``[T, B]`` bool, True where step t is the first of a new episode: the state entering
+                that step is zeroed for that column. ``None``: no resets. Ignored without LSTM.
+
+        Returns:
+            ``AgentOutput`` with ``policy_params [T, B, P]``, ``baseline [T, B]`` and ``core_states``
+            ``(h, c)`` each ``[T, B, H]`` (the state after step t, i.e. the one to carry into t + 1).
+        """
+        obs_dims = len(self.observation_shape)
+        if tuple(observation.shape[observation.dim() - obs_dims :]) != self.observation_shape:
+            raise ValueError(f"observation shape {tuple(observation.shape)} does not end in {self.observation_shape}")
+        leading = observation.shape[: observation.dim() - obs_dims]
+
+        # The encoder sees all T * B observations at once; only the core needs time order.
+        x = observation.reshape(-1, *self.observation_shape)
+        if self.normalizer is not None:
+            x = self.normalizer(x)
+        features = self.encoder(x)  # [T * B, F]
+
+        core_states = None
+        if self.core is None:
+            core_output = features.reshape(*leading, -1)
+        else:
+            if len(leading) != 2:
+                raise ValueError(f"an LSTM agent needs observations [T, B, *obs], got {tuple(observation.shape)}")
+            core_output, core_states = self._unroll(features.reshape(*leading, -1), core_state, is_init)
+
+        policy_params = self.policy_head(core_output)
+        if self.log_std is not None:
+            policy_params = torch.cat([policy_params, self.log_std.expand_as(policy_params)], dim=-1)
+        return AgentOutput(policy_params, self.baseline_head(core_output).squeeze(-1), core_states)
+
+    def _unroll(
+        self, features: Tensor, core_state: CoreState | None, is_init: Tensor | None
+    ) -> tuple[Tensor, CoreState]:
+        """LSTM over ``features [T, B, F]`` step by step, resetting at episode starts -> ``([T, B, H], (h, c))``."""
+        T, B = features.shape[:2]
+        h, c = self.initial_state(B, features.device) if core_state is None else core_state
+        if is_init is not None and tuple(is_init.shape) != (T, B):
+            raise ValueError(f"is_init must be [T, B] = {(T, B)}, got {tuple(is_init.shape)}")
+        hs, cs = [], []
+        for t in range(T):
+            if is_init is not None:
+                # A new episode must not see the previous episode's memory.
+                keep = (~is_init[t].bool()).to(h.dtype).unsqueeze(-1)  # [B, 1]
+                h, c = h * keep, c * keep
+            _, (h, c) = self.core(features[t].unsqueeze(0), (h.unsqueeze(0), c.unsqueeze(0)))
+            h, c = h.squeeze(0), c.squeeze(0)
+            hs.append(h)
+            cs.append(c)
+        h_all, c_all = torch.stack(hs), torch.stack(cs)
+        return h_all, (h_all, c_all)  # a one-layer LSTM's output is its h
+
+    def step_value(self, observation: Tensor, core_state: CoreState | None = None) -> Tensor:
+        """``V`` of ``observation [N, *obs]`` continuing from ``core_state`` (each ``[N, H]``; one core
+        step, no reset) -> ``[N]``. The learner bootstraps from final observations with it."""
+        return self.forward(observation.unsqueeze(0), core_state).baseline.squeeze(0)
+
+
+class ActorCriticMLP(ImpalaAgent):
+    """Backwards-compatible shortcut: an ``ImpalaAgent`` with an MLP encoder and a categorical policy.
+
+    Args:
+        observation_size: length of the flat observation vector.
+        num_actions: number of discrete actions.
+        hidden_dim: width of the first hidden layer.
+        feature_dim: width of the shared feature layer the two heads read.
+    """
+
+    def __init__(self, observation_size: int, num_actions: int, hidden_dim: int = 64, feature_dim: int = 64):
+        super().__init__((observation_size,), Categorical(num_actions), "mlp", hidden_dim, feature_dim)
+        self.observation_size = observation_size
+        self.num_actions = num_actions
+
+    def value(self, observation: Tensor) -> Tensor:
+        """State value only: ``[..., observation_size] -> [...]``."""
+        return self.forward(observation).baseline

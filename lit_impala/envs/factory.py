@@ -1,0 +1,217 @@
+"""Picklable env factories: a gymnasium id -> one torchrl env holding several sub-envs.
+
+Each actor process steps ``envs_per_actor`` copies of the env in one gymnasium ``SyncVectorEnv``
+(no extra processes) wrapped by torchrl's ``GymWrapper``. Autoreset is *disabled* in gymnasium, so
+torchrl resets finished sub-envs itself: ``("next", "observation")`` is then always the real final
+observation of a step (needed to bootstrap truncated episodes), and no phantom transition appears
+between episodes (the trap of gymnasium 1.x next-step autoreset).
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from functools import partial
+from typing import NamedTuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.vector import AutoresetMode, SyncVectorEnv
+from torchrl.data import Categorical
+from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
+from torchrl.envs.libs.gym import default_info_dict_reader
+
+from lit_impala.envs.atari import is_atari_id, make_atari_env, register_atari_envs
+from lit_impala.envs.wrappers import ChannelsFirst, HideObservationComponents, ReportErrors, SelectObservationKey
+from lit_impala.schema import EPISODE_RETURN_KEY, LIFE_LOST_KEY
+
+
+class EnvFacts(NamedTuple):
+    """What the learner's network must know about an env, read once from its spaces."""
+
+    env_id: str
+    observation_shape: tuple[int, ...]  # channels-first for images
+    observation_dtype: str  # "float32" or "uint8" (pixels travel as uint8)
+    action_space: gym.Space
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.observation_shape) == 3
+
+
+def _import_env_module(env_id: str) -> None:
+    # "module:EnvId" is gymnasium's way to register third-party envs; import before reading the registry.
+    if ":" in env_id:
+        module = env_id.split(":", 1)[0]
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(
+                f"Env id {env_id!r} needs the module {module!r}, which cannot be imported: {error}"
+            ) from error
+    elif is_atari_id(env_id):
+        register_atari_envs(env_id)  # ALE ids exist in gymnasium's registry once ale-py is imported
+
+
+def make_gym_env(
+    env_id: str,
+    max_episode_steps: int | None = None,
+    observation_key: str | None = None,
+    hide_observation_indices: list[int] | None = None,
+    check_env: bool = True,
+    render_mode: str | None = None,
+    atari_options: dict | None = None,
+) -> gym.Env:
+    """One gymnasium env with the observation wrappers the options ask for.
+
+    Args:
+        env_id: gymnasium id; ``"module:EnvId"`` imports ``module`` first (e.g. ``minigrid:MiniGrid-Empty-5x5-v0``).
+        max_episode_steps: override the registered time limit (episodes are *truncated* there).
+        observation_key: for dict observations, the entry the agent sees.
+        hide_observation_indices: components of a vector observation hidden from the agent.
+        check_env: keep gymnasium's ``PassiveEnvChecker``. Actor copies drop it: it is one more Python
+            call per env step, and the same env was already built with it by ``describe_env``.
+        render_mode: gymnasium's ``render_mode``, e.g. ``"rgb_array"`` for ``env.render()`` to return
+            ``[H, W, 3]`` uint8 frames (evaluation videos); None (default): the env does not render.
+        atari_options: for Atari ids (``ALE/Pong-v5``), ``make_atari_env``'s preprocessing options, e.g.
+            ``{"terminal_on_life_loss": True}``; None: the DQN / IMPALA defaults (``[4, 84, 84]`` uint8
+            frames). Atari envs are built by ``make_atari_env`` whether or not this is given.
+    """
+    _import_env_module(env_id)
+    atari = is_atari_id(env_id)
+    if atari:
+        env = make_atari_env(
+            env_id, max_episode_steps=max_episode_steps, render_mode=render_mode, **(atari_options or {})
+        )
+    elif atari_options:
+        raise ValueError(f"atari_options {atari_options!r} were given for {env_id!r}, which is not an Atari (ALE) env")
+    else:
+        kwargs = {} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}
+        env = gym.make(env_id, disable_env_checker=not check_env, render_mode=render_mode, **kwargs)
+    if observation_key is not None:
+        if (
+            not isinstance(env.observation_space, gym.spaces.Dict)
+            or observation_key not in env.observation_space.spaces
+        ):
+            env.close()
+            raise ValueError(
+                f"observation_key {observation_key!r} is not an entry of {env_id!r}'s observation space "
+                f"{env.observation_space}"
+            )
+        env = SelectObservationKey(env, observation_key)
+    space = env.observation_space
+    if not atari and isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
+        env = ChannelsFirst(env)  # Atari frame stacks are already [C, H, W]
+    if hide_observation_indices:
+        if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
+            env.close()
+            raise ValueError(f"hide_observation_indices needs a vector observation; {env_id!r} has {space}")
+        bad = [i for i in hide_observation_indices if not 0 <= i < space.shape[0]]
+        if bad:
+            env.close()
+            raise ValueError(
+                f"hide_observation_indices {bad} are outside {env_id!r}'s observation of size {space.shape[0]}"
+            )
+        env = HideObservationComponents(env, hide_observation_indices)
+    return env
+
+
+def describe_env(env_id: str, **options) -> EnvFacts:
+    """Build one env in this process, check it is supported and return its facts.
+
+    Raises ``ValueError`` naming the id for an unknown env, and naming the space for an observation
+    or action space no agent here handles. Called before any actor process starts.
+    """
+    _import_env_module(env_id)
+    registered = env_id.split(":", 1)[-1]
+    if registered not in gym.registry:
+        close = difflib.get_close_matches(registered, list(gym.registry), n=3)
+        hint = f" Did you mean one of {close}?" if close else ""
+        raise ValueError(f"Unknown gymnasium env id {env_id!r}.{hint}")
+    try:
+        env = make_gym_env(env_id, **options)
+    except ValueError:
+        raise
+    except Exception as error:  # e.g. a missing optional dependency of the env
+        raise ValueError(f"Env {env_id!r} could not be created: {type(error).__name__}: {error}") from error
+    try:
+        obs_space, act_space = env.observation_space, env.action_space
+    finally:
+        env.close()
+    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3)):
+        raise ValueError(
+            f"Env {env_id!r} has observation space {obs_space}; supported: a 1-D Box (vector) or an image Box [H, W, C]"
+            " (for a dict observation, pick an entry with observation_key)."
+        )
+    if isinstance(act_space, gym.spaces.Box):
+        if len(act_space.shape) != 1 or not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
+            raise ValueError(
+                f"Env {env_id!r} has action space {act_space}; a continuous action space must be a 1-D Box with "
+                "finite bounds."
+            )
+    elif not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
+        raise ValueError(f"Env {env_id!r} has action space {act_space}; supported: Discrete, MultiDiscrete, 1-D Box.")
+    dtype = "uint8" if obs_space.dtype == np.uint8 else "float32"
+    return EnvFacts(env_id, tuple(int(d) for d in obs_space.shape), dtype, act_space)
+
+
+def make_vector_env(
+    env_id: str, num_envs: int, seed: int | None = None, error_file: str | None = None, **options
+) -> EnvBase:
+    """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
+
+    Adds torchrl's ``InitTracker`` (``is_init``: the observation starts an episode, so recurrent
+    actors reset their state), ``RewardSum`` and ``StepCounter`` (running episode return and
+    length; at a ``done`` step they hold the finished episode's). With ``error_file``, an exception
+    from the envs leaves its traceback there.
+    """
+    vector_env = SyncVectorEnv(
+        [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
+        autoreset_mode=AutoresetMode.DISABLED,
+    )
+    if error_file is not None:
+        vector_env = ReportErrors(vector_env, error_file)
+    base_env = GymWrapper(vector_env, categorical_action_encoding=True)
+    if (options.get("atari_options") or {}).get("terminal_on_life_loss"):
+        # The learner treats a lost life as the end of an episode (the game itself goes on, and so
+        # does the logged return): envs.atari.LifeLossInfo puts the flag in the step info.
+        base_env.set_info_dict_reader(
+            default_info_dict_reader(
+                [LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)}
+            )
+        )
+    env = TransformedEnv(base_env, InitTracker())
+    env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
+    env.append_transform(StepCounter())
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def actor_seeds(seed: int, num_actors: int, rank: int = 0) -> list[int]:
+    """Distinct, reproducible env seeds for each actor (and each DDP rank)."""
+    return [int(s) for s in np.random.SeedSequence([seed, rank]).generate_state(num_actors)]
+
+
+def action_space_spec(space: gym.Space) -> dict:
+    """A plain-data description of an action space (what the CLI links into the model)."""
+    if isinstance(space, gym.spaces.Discrete):
+        return {"type": "discrete", "n": int(space.n)}
+    if isinstance(space, gym.spaces.MultiDiscrete):
+        return {"type": "multi_discrete", "nvec": [int(n) for n in space.nvec]}
+    if isinstance(space, gym.spaces.Box):
+        return {"type": "box", "low": space.low.astype(float).tolist(), "high": space.high.astype(float).tolist()}
+    raise ValueError(f"unsupported action space {space}")
+
+
+def action_space_from_spec(spec: dict) -> gym.Space:
+    """Inverse of ``action_space_spec``."""
+    kind = spec.get("type")
+    if kind == "discrete":
+        return gym.spaces.Discrete(spec["n"])
+    if kind == "multi_discrete":
+        return gym.spaces.MultiDiscrete(spec["nvec"])
+    if kind == "box":
+        return gym.spaces.Box(np.array(spec["low"], dtype=np.float32), np.array(spec["high"], dtype=np.float32))
+    raise ValueError(f"unknown action space spec {spec!r}: 'type' must be discrete, multi_discrete or box")

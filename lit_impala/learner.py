@@ -1,0 +1,310 @@
+"""The learner: a ``LightningModule`` whose ``training_step`` is IMPALA's V-trace actor-critic update.
+
+It only learns: the network recipe, the update, the guard against non-finite updates, and the optimizer.
+Weight sync, progress and the stop rule, evaluation and run control are callbacks (``configure_callbacks``
+attaches the ones a run cannot do without).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from functools import partial
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from tensordict import TensorDictBase
+from torch import Tensor
+
+from lit_impala.callbacks import (
+    ActorWeightSync,
+    CheckpointFormat,
+    EpisodeStats,
+    FinalCheckpoint,
+    GracefulInterrupt,
+    TestReport,
+)
+from lit_impala.config import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt, check_arguments
+from lit_impala.core import vtrace
+from lit_impala.core.diagnostics import UpdateTensors, update_metrics
+from lit_impala.core.distributions import make_distribution
+from lit_impala.core.losses import LossTerms, impala_loss
+from lit_impala.core.networks import ImpalaAgent
+from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
+from lit_impala.envs.factory import action_space_from_spec
+from lit_impala.episodes import EvalResult, run_episodes
+from lit_impala.schema import Trajectory, to_time_major
+
+log = logging.getLogger(__name__)
+
+
+class ImpalaModule(L.LightningModule):
+    """IMPALA learner (Espeholt et al. 2018). Defaults are the paper's.
+
+    The arguments come in groups, in this order: the env facts (linked from the data module by the CLI),
+    the network, the V-trace targets and loss, the optimizer (RMSprop, as in the paper).
+
+    Args:
+        observation_shape: shape of one observation (linked from the data module).
+        action_space: the env's action space as plain data (linked from the data module).
+        encoder: ``mlp`` for vectors; ``resnet`` (the paper's deep ResNet) or ``nature`` (DQN's
+            CNN) for images.
+        hidden_dim: width of the MLP encoder's first hidden layer.
+        feature_dim: width of the encoder's output, read by the core or the heads.
+        use_lstm: add an LSTM core; actors carry its state across unrolls and reset it at
+            episode starts.
+        lstm_hidden_dim: size of the LSTM state.
+        init_fn: weight init: ``orthogonal``, ``xavier_uniform`` or ``identity`` (PyTorch default).
+        policy_init_scale: gain of the policy head's init (small: near-uniform first policy).
+        value_init_scale: gain of the value head's init.
+        action_squash: continuous actions: ``clip`` the Gaussian sample to the bounds, or ``tanh``
+            squash it; log-probs on both sides are of the same distribution either way.
+        log_std_init: initial log standard deviation of a Gaussian policy.
+        state_dependent_std: the Gaussian's std comes from the network (default: a free parameter).
+        normalize_observations: normalise vector observations with running mean/std (learnt by
+            the learner, shipped to the actors with the weights, saved in checkpoints).
+        discount: gamma, the per-step discount.
+        reward_scale: rewards are multiplied by this for learning only (logged returns stay raw).
+        reward_clip: rewards are clipped to ``[-reward_clip, reward_clip]`` for learning only, before
+            ``reward_scale`` (Atari: 1.0); None: no clipping.
+        baseline_coef: weight of the value (baseline) loss ``0.5 * (vs - V)^2``.
+        ent_coef: weight of the entropy bonus.
+        clip_rho_threshold: rho-bar, clips the importance weights of the value targets (None: no clip).
+        clip_c_threshold: c-bar, clips the trace coefficients (None: no clip).
+        clip_pg_rho_threshold: clips the importance weights of the policy gradient (None: no clip).
+        lambda_: trace coefficient c_t = lambda_ * min(c-bar, rho_t).
+        pg_target: what the policy-gradient advantage bootstraps from when ``lambda_ < 1``: ``paper``
+            (q_t = r_t + gamma_t * v_{t+1}; the paper, TorchBeast, scalable_agent, seed_rl) or ``rlax``
+            (q_t = r_t + gamma_t * (lambda_ * v_{t+1} + (1 - lambda_) * V(x_{t+1})); rlax, Acme). Equal at lambda_ 1.
+        loss_reduction: ``sum`` over time and batch (paper) or ``mean``.
+        lr: RMSprop learning rate at the start of training.
+        lr_decay: decay the learning rate linearly to 0 over ``trainer.max_steps``.
+        rmsprop_alpha: RMSprop smoothing constant (TensorFlow's ``decay``).
+        rmsprop_eps: RMSprop epsilon; 0.01 as in the paper, assumes ``loss_reduction: sum``.
+        rmsprop_momentum: RMSprop momentum.
+        max_grad_norm: clip the global gradient norm to this value (None: no clipping).
+        max_nonfinite_updates: an update whose loss or gradient is not finite is skipped (the weights,
+            and so the actors, never see it; counted in ``nonfinite_updates``); this many in a row
+            stop the run with an error (and the on-exception checkpoint holds the last finite weights).
+    """
+
+    def __init__(
+        self,
+        observation_shape: list[int],
+        action_space: dict,
+        encoder: Literal["mlp", "resnet", "nature"] = "mlp",
+        hidden_dim: PositiveInt = 64,
+        feature_dim: PositiveInt = 64,
+        use_lstm: bool = False,
+        lstm_hidden_dim: PositiveInt = 128,
+        init_fn: Literal["orthogonal", "xavier_uniform", "identity"] = "orthogonal",
+        policy_init_scale: float = 0.01,
+        value_init_scale: float = 1.0,
+        action_squash: Literal["clip", "tanh"] = "clip",
+        log_std_init: float = 0.0,
+        state_dependent_std: bool = False,
+        normalize_observations: bool = False,
+        discount: ClosedUnitInterval = 0.99,
+        reward_scale: PositiveFloat = 1.0,
+        reward_clip: PositiveFloat | None = None,
+        baseline_coef: NonNegativeFloat = 0.5,
+        ent_coef: NonNegativeFloat = 0.01,
+        clip_rho_threshold: PositiveFloat | None = 1.0,
+        clip_c_threshold: PositiveFloat | None = 1.0,
+        clip_pg_rho_threshold: PositiveFloat | None = 1.0,
+        lambda_: ClosedUnitInterval = 1.0,
+        pg_target: Literal["paper", "rlax"] = "paper",
+        loss_reduction: Literal["sum", "mean"] = "sum",
+        lr: PositiveFloat = 6e-4,
+        lr_decay: bool = True,
+        rmsprop_alpha: ClosedUnitInterval = 0.99,
+        rmsprop_eps: NonNegativeFloat = 0.01,
+        rmsprop_momentum: NonNegativeFloat = 0.0,
+        max_grad_norm: PositiveFloat | None = 40.0,
+        max_nonfinite_updates: PositiveInt = 10,
+    ):
+        super().__init__()
+        check_arguments(ImpalaModule.__init__, locals())
+        if not all(size >= 1 for size in observation_shape):
+            raise ValueError(f"observation_shape must be positive, got {observation_shape}")
+        self.save_hyperparameters()
+        # A picklable recipe for this architecture: the actors build their own copy from it.
+        self.network_factory = partial(
+            ImpalaAgent,
+            observation_shape=tuple(observation_shape),
+            distribution=make_distribution(action_space_from_spec(action_space), squash=action_squash),
+            encoder=encoder,
+            hidden_dim=hidden_dim,
+            feature_dim=feature_dim,
+            use_lstm=use_lstm,
+            lstm_hidden_dim=lstm_hidden_dim,
+            init_fn=init_fn,
+            policy_init_scale=policy_init_scale,
+            value_init_scale=value_init_scale,
+            log_std_init=log_std_init,
+            state_dependent_std=state_dependent_std,
+            normalize_observations=normalize_observations,
+        )
+        self.network = self.network_factory()
+        self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
+        self._consecutive_nonfinite = 0  # ... and in a row
+        self._update: UpdateTensors | None = None  # this update's, from training_step to on_train_batch_end
+        self._grad_norm = torch.zeros(())
+        self.checkpoint_step: int | None = None  # update count of the checkpoint loaded (`test` reports it)
+
+    def configure_callbacks(self):
+        trainer = self.trainer
+        callbacks = [ActorWeightSync(), FinalCheckpoint(), GracefulInterrupt(), CheckpointFormat(), TestReport()]
+        if EpisodeStats.of(trainer) is None:  # the CLI adds a configured one (the `episode_stats` section)
+            callbacks.append(EpisodeStats())
+        if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+            callbacks.append(LearningRateMonitor(logging_interval="step"))  # logs `lr` (the scheduler's name)
+        return callbacks
+
+    # --- learning ---------------------------------------------------------------------------------
+
+    def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
+        hp = self.hparams
+        # 1. time-major trajectory [T, B]
+        trajectory = to_time_major(batch.to(self.device, non_blocking=True))
+        T, B = trajectory.reward.shape
+
+        # 2. learner forward: from the core state the actors started the unroll with, resetting
+        #    it at the same episode starts they did
+        output = self.network(trajectory.observation, trajectory.initial_core_state, trajectory.is_init)
+        distribution = self.network.distribution
+        target_log_prob = distribution.log_prob(output.policy_params, trajectory.action)  # [T, B]
+        entropy = distribution.entropy(output.policy_params)  # [T, B]
+
+        # 3. V-trace targets (no grad)
+        terminated = learning_terminations(trajectory.terminated, trajectory.life_lost)
+        targets = bootstrap_targets(
+            trajectory.reward, terminated, trajectory.truncated, self._next_values(trajectory, output, terminated),
+            hp.discount, hp.reward_scale, hp.reward_clip,
+        )
+        log_rhos = target_log_prob.detach() - trajectory.behaviour_log_prob
+        vtrace_returns = vtrace.from_importance_weights(
+            log_rhos, targets.discounts, targets.rewards, output.baseline.detach(), targets.bootstrap_value,
+            clip_rho_threshold=hp.clip_rho_threshold,
+            clip_pg_rho_threshold=hp.clip_pg_rho_threshold,
+            clip_c_threshold=hp.clip_c_threshold,
+            lambda_=hp.lambda_,
+            pg_target=hp.pg_target,
+        )
+
+        # 4. loss terms
+        terms = impala_loss(
+            target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction
+        )
+
+        # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)
+        if self.network.normalizer is not None:
+            # After this batch's loss, so the loss used the statistics the actors acted with.
+            self.network.normalizer.update(trajectory.observation.flatten(0, 1))
+        self._update = UpdateTensors(
+            log_rhos=log_rhos,
+            policy_lag=(self.global_step - trajectory.policy_version).float(),
+            terms=LossTerms(*(term.detach() for term in terms)),
+            entropy=entropy.detach(),
+            baseline=output.baseline.detach(),
+        )
+        return terms.total
+
+    @torch.no_grad()
+    def _next_values(self, trajectory: Trajectory, output, terminated: Tensor) -> Tensor:
+        """``[T, B]``: V(next_observation_t) where the targets bootstrap (``core.targets.bootstrap_steps``),
+        continuing from the core state after step t; 0 elsewhere."""
+        needed = bootstrap_steps(terminated, trajectory.truncated)
+        core_state = None if output.core_states is None else tuple(s[needed] for s in output.core_states)
+        next_values = torch.zeros(needed.shape, dtype=torch.float32, device=needed.device)
+        next_values[needed] = self.network.step_value(trajectory.next_observation[needed], core_state).float()
+        return next_values
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the callbacks' on_train_batch_end: EpisodeStats has set should_stop if this update is the last.
+        if self._update is not None and (self.trainer.should_stop or self._is_log_step()):
+            self._log_update(self._update)
+        self._update = None
+
+    def _is_log_step(self) -> bool:
+        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _log_update(self, update: UpdateTensors) -> None:
+        """The learning metrics of this update: losses, importance weights, policy lag, gradient norm."""
+        hp = self.hparams
+        metrics = update_metrics(update, hp.clip_rho_threshold, hp.clip_c_threshold, hp.clip_pg_rho_threshold)
+        for name, (value, reduce_fx) in metrics.items():  # DDP: synced over ranks; no-op on one device
+            self.log(name, value, batch_size=update.log_rhos.shape[1], sync_dist=True, reduce_fx=reduce_fx)
+        self.log_dict({"grad_norm": float(self._grad_norm), "nonfinite_updates": float(self.nonfinite_updates)})
+
+    # --- the guard against non-finite updates -------------------------------------------------------
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # After backward, before the optimizer step: the one place to refuse an update.
+        parameters = [p for p in self.network.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
+        loss_is_finite = self._update is None or bool(torch.isfinite(self._update.terms.total))
+        if not (loss_is_finite and torch.isfinite(grad_norm)):
+            self._skip_nonfinite_update(grad_norm, loss_is_finite)
+            return
+        self._consecutive_nonfinite = 0
+        # The clip is a model hyper-parameter here (the paper's 40); the norm is logged either way.
+        max_norm = self.hparams.max_grad_norm or gradient_clip_val or math.inf
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)
+        self._grad_norm = grad_norm
+
+    def _skip_nonfinite_update(self, grad_norm: Tensor, loss_is_finite: bool) -> None:
+        # No gradient, no step: RMSprop leaves parameters without .grad (and their state) untouched.
+        for parameter in self.network.parameters():
+            parameter.grad = None
+        self.nonfinite_updates += 1
+        self._consecutive_nonfinite += 1
+        what = "loss" if not loss_is_finite else "gradient"
+        log.warning("update %d skipped: non-finite %s", self.global_step + 1,
+                    what if not loss_is_finite else f"gradient (norm {float(grad_norm)})")
+        if self._consecutive_nonfinite >= self.hparams.max_nonfinite_updates:
+            raise RuntimeError(
+                f"{self._consecutive_nonfinite} updates in a row had a non-finite {what} (model.max_nonfinite_updates="
+                f"{self.hparams.max_nonfinite_updates}); stopping. None of them reached the weights or the actors: "
+                "the weights are those of the last finite update. Look at the rewards' scale (model.reward_scale, "
+                "model.reward_clip), model.lr and model.max_grad_norm."
+            )
+
+    # --- optimizer --------------------------------------------------------------------------------
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.RMSprop(
+            self.network.parameters(),
+            lr=hp.lr,
+            alpha=hp.rmsprop_alpha,
+            eps=hp.rmsprop_eps,
+            momentum=hp.rmsprop_momentum,
+        )
+        # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
+        # measure an endless dataloader.
+        total_steps = self.trainer.max_steps
+        if hp.lr_decay and (total_steps is None or total_steps < 1):
+            raise ValueError(f"lr_decay needs trainer.max_steps >= 1 to decay over, got {total_steps}")
+        # Linear to 0 over the run (the paper), or constant; a scheduler either way, so that
+        # LearningRateMonitor logs it as `lr`.
+        schedule = torch.optim.lr_scheduler.LinearLR(
+            optimizer, start_factor=1.0, end_factor=0.0 if hp.lr_decay else 1.0,
+            total_iters=total_steps if hp.lr_decay else 1,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+
+    # --- test: one whole episode per test batch, with the (checkpoint's) weights --------------------
+
+    def test_step(self, episode_seed: int, batch_idx: int) -> EvalResult:
+        data = self.trainer.datamodule
+        return run_episodes(
+            copy.deepcopy(self.network).cpu().eval(), data.hparams.env_id, data.env_options, num_episodes=1,
+            deterministic=data.hparams.eval_deterministic, seed=int(episode_seed),
+        )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.checkpoint_step = checkpoint.get("global_step")

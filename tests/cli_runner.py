@@ -1,0 +1,118 @@
+"""Run ``python -m lit_impala ...`` as a user types it: a subprocess in its own session, its output, exit
+code and every descendant process it ever had (to check that none is left)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import REPO
+
+
+@dataclass
+class CliRun:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall_s: float
+    descendants: set[int] = field(default_factory=set)  # every pid seen below the command's process
+    spawned_actors: int = 0  # of those, multiprocessing children (actor processes, DDP's are not spawned)
+    interrupted_after_s: float | None = None  # time from the signal to the exit
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+    def tail(self, chars: int = 4000) -> str:
+        return f"exit {self.returncode}\n--- stdout ---\n{self.stdout[-chars:]}\n--- stderr ---\n{self.stderr[-chars:]}"
+
+
+def run_lit_impala(
+    args: list[str],
+    cwd: Path,
+    timeout_s: float = 180.0,
+    env: dict[str, str] | None = None,
+    interrupt_after_s: float | None = None,
+    interrupt_signal: int = signal.SIGINT,
+) -> CliRun:
+    """Run ``python -m lit_impala *args`` in ``cwd``; SIGKILL its process group and fail after ``timeout_s``.
+
+    ``interrupt_after_s``: send ``interrupt_signal`` to the whole process group (what Ctrl-C in a
+    terminal does) once the run is that old and has child processes.
+    """
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(cwd), **(env or {})}
+    environment.pop("COLUMNS", None)
+    # A W&B run made in the test process leaves its service's address here: the command must start its own.
+    for name in [name for name in environment if name.startswith(("WANDB_SERVICE", "WANDB__SERVICE"))]:
+        del environment[name]
+    out_path, err_path = Path(cwd) / ".cli_stdout", Path(cwd) / ".cli_stderr"
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        start = time.monotonic()
+        process = subprocess.Popen([sys.executable, "-m", "lit_impala", *args], cwd=cwd, stdout=out, stderr=err,
+                                   stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
+        parent = psutil.Process(process.pid)
+        descendants: dict[int, str] = {}
+        interrupted_at = None
+        while process.poll() is None:
+            try:
+                for child in parent.children(recursive=True):
+                    if child.pid not in descendants:
+                        try:
+                            descendants[child.pid] = " ".join(child.cmdline())
+                        except psutil.Error:
+                            descendants[child.pid] = ""
+            except psutil.Error:
+                pass
+            elapsed = time.monotonic() - start
+            if interrupt_after_s is not None and interrupted_at is None and descendants and elapsed > interrupt_after_s:
+                os.killpg(process.pid, interrupt_signal)
+                interrupted_at = time.monotonic()
+            if elapsed > timeout_s:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                pytest.fail(f"`lit_impala {' '.join(args)}` did not finish in {timeout_s} s:\n"
+                            f"{out_path.read_text()[-3000:]}\n{err_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        wall_s = time.monotonic() - start
+    return CliRun(
+        returncode=process.returncode,
+        stdout=out_path.read_text(),
+        stderr=err_path.read_text(),
+        wall_s=wall_s,
+        descendants=set(descendants),
+        spawned_actors=sum("spawn_main" in cmdline for cmdline in descendants.values()),
+        interrupted_after_s=None if interrupted_at is None else time.monotonic() - interrupted_at,
+    )
+
+
+def assert_all_gone(pids: set[int], within_s: float = 10.0) -> None:
+    """Every process in ``pids`` has exited (zombies count as gone) within ``within_s``."""
+    deadline = time.monotonic() + within_s
+    alive: list[int] = list(pids)
+    while time.monotonic() < deadline:
+        alive = [pid for pid in pids if _running(pid)]
+        if not alive:
+            return
+        time.sleep(0.2)
+    described = []
+    for pid in alive:
+        try:
+            described.append(" ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:
+            described.append(str(pid))
+    pytest.fail(f"processes left alive: {described}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,213 @@
+"""The command line, through the real entry point with tiny sizes; what a user reads (messages, exit codes)
+through a ``python -m lit_impala`` subprocess."""
+
+import argparse
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import yaml
+
+from lit_impala.callbacks import EpisodeStats
+from lit_impala.cli import FULL_ERROR_ENV, ConfigError, cli_main
+from lit_impala.wandb_history import read_history
+from tests.cli_runner import run_lit_impala
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cartpole.yaml")
+
+
+def tiny(tmp_path, *extra):
+    return [
+        "--config", CONFIG,
+        "--trainer.max_steps=6",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--data.num_actors=1",
+        "--data.envs_per_actor=4",
+        "--data.unroll_length=5",
+        "--data.batch_size=4",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _quiet_wandb(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+
+
+def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
+    cli = cli_main(["fit", *tiny(tmp_path)])
+    module = cli.trainer.lightning_module
+    assert cli.trainer.global_step == 6
+    assert EpisodeStats.of(cli.trainer).env_frames == 6 * 5 * 4
+    assert module.network.policy_head.out_features == 2  # linked from the env, not written in the YAML
+    assert cli.datamodule.actors is None  # actors shut down at the end
+    out = capsys.readouterr().out
+    assert "Training stopped after 6 updates and 120 env frames" in out
+    assert "Checkpoints:" in out
+    cli.trainer.logger.experiment.finish()  # flush: in a `fit` process, exiting does this
+    offline_runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert offline_runs, "the W&B logger must write an offline run"
+    deadline = time.monotonic() + 20
+    while not (history := read_history(offline_runs[0])) and time.monotonic() < deadline:
+        time.sleep(0.5)  # under CPU load wandb's service may write the records after finish() returns
+    logged = set().union(*history)
+    for key in ("env_frames", "frames_per_second", "episode/return", "loss/total", "loss/policy", "loss/baseline",
+                "loss/entropy", "entropy", "lr", "policy_lag/mean", "rho/mean", "grad_norm"):
+        assert key in logged, f"{key} missing from the W&B history: {sorted(logged)}"
+    assert max(row.get("env_frames", 0) for row in history) == 6 * 5 * 4
+    assert list(tmp_path.rglob("last.ckpt")), "a final checkpoint must be saved"
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    config = yaml.safe_load(printed)
+    assert config["model"]["lr"] == yaml.safe_load(open(CONFIG))["model"]["lr"]
+    assert config["data"]["env_id"] == "CartPole-v1"
+    assert "observation_shape" not in config["model"] and "action_space" not in config["model"]  # linked
+    saved = tmp_path / "printed.yaml"
+    saved.write_text(printed)
+    cli = cli_main(["fit", "--config", str(saved), *tiny(tmp_path)[2:], "--trainer.logger=false"])
+    assert cli.trainer.global_step == 6
+
+
+def test_help_documents_the_arguments(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--help"])
+    text = capsys.readouterr().out
+    for documented in ("clip_pg_rho_threshold", "rho-bar", "envs_per_actor", "unroll_length", "stop_at_return"):
+        assert documented in text
+
+
+BAD_INPUTS = [
+    # the four of the issue, as typed
+    ("--data.env_id NoSuchEnv-v9", "NoSuchEnv-v9"),
+    ("--model.lr=-1", "model.lr: expected a PositiveFloat (v>0), got -1"),
+    ("--model.clip_rho_threshold=0", "model.clip_rho_threshold: expected a PositiveFloat (v>0) or null, got 0"),
+    ("--ckpt_path=MISSING", "does not exist"),
+    # unknown keys and ill-typed values (jsonargparse's own errors), on the command line and in a YAML file
+    ("--model.learning_rate=0.1", "learning_rate"),
+    ("CONFIG_WITH_UNKNOWN_KEY", "env_idd"),
+    ("--model.pg_target=acme", "model.pg_target: expected one of 'paper', 'rlax', got 'acme'"),
+    ("--data.num_actors=two", "data.num_actors"),
+    # envs and spaces
+    ("--data.env_id=CartPole-v9", "CartPole-v9"),
+    ("--data.env_id=FrozenLake-v1", "Env 'FrozenLake-v1' has observation space Discrete(16)"),
+    ("--data.env_id=Blackjack-v1", "Env 'Blackjack-v1' has observation space Tuple"),
+    ("--data.env_id=nosuchmodule:Foo-v0", "nosuchmodule"),
+    ("--data.hide_observation_indices=[7]", "hide_observation_indices [7] are outside"),
+    ("--model.encoder=transformer", "model.encoder: expected one of 'mlp', 'resnet', 'nature', got 'transformer'"),
+    # sizes
+    ("--data.unroll_length=0", "data.unroll_length: expected a PositiveInt (v>0), got 0"),
+    ("--data.batch_size=0", "data.batch_size: expected a PositiveInt (v>0), got 0"),
+    ("--data.envs_per_actor=-2", "data.envs_per_actor: expected a PositiveInt (v>0), got -2"),
+    # learning hyper-parameters
+    ("--model.lr=0", "model.lr: expected a PositiveFloat (v>0), got 0"),
+    ("--model.clip_c_threshold=-1", "model.clip_c_threshold: expected a PositiveFloat (v>0) or null, got -1"),
+    ("--model.discount=1.5", "model.discount: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
+    ("--model.lambda_=1.5", "model.lambda_: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
+    ("--model.reward_clip=0", "model.reward_clip: expected a PositiveFloat (v>0) or null, got 0"),
+    ("--trainer.max_steps=-1", "trainer.max_steps, which is -1"),
+    ("--episode_stats.return_window=0", "episode_stats.return_window: expected a PositiveInt (v>0), got 0"),
+    # settings that contradict each other
+    ("--data.actors=remote --trainer.accelerator=cpu --trainer.devices=2 --trainer.strategy=ddp",
+     "data.actors remote needs a single learner process, got 2"),
+    # checkpoints
+    ("--ckpt_path=CORRUPT", "cannot be read"),
+    ("--ckpt_path=OTHER_ENV", "was written for a different env or network"),
+]
+TINY = ["--trainer.max_steps=4", "--data.num_actors=1", "--data.envs_per_actor=2", "--data.unroll_length=5",
+        "--data.batch_size=2", "--trainer.logger=false"]
+
+
+def other_env_checkpoint(directory):
+    """A real checkpoint of an Acrobot agent (6 observations, 3 actions)."""
+    callbacks = ('[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", '
+                 '"init_args": {"dirpath": "%s", "save_last": true}}]')
+    cli_main(["fit", "--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+              "--trainer.max_steps=2", "--trainer.callbacks=" + callbacks % directory, "--data.env_id=Acrobot-v1",
+              "--data.num_actors=1", "--data.envs_per_actor=2", "--data.unroll_length=5", "--data.batch_size=2"])
+    return directory / "last.ckpt"
+
+
+def resolve(override: str, directory) -> list[str]:
+    if override == "CONFIG_WITH_UNKNOWN_KEY":
+        config = directory / "typo.yaml"
+        config.write_text("data:\n  env_idd: CartPole-v1\n")
+        return ["--config", str(config)]
+    if override == "--ckpt_path=MISSING":
+        return [f"--ckpt_path={directory / 'missing.ckpt'}"]
+    if override == "--ckpt_path=CORRUPT":
+        corrupt = directory / "corrupt.ckpt"
+        corrupt.write_bytes(b"PK\x03\x04 half a checkpoint")
+        return [f"--ckpt_path={corrupt}"]
+    if override == "--ckpt_path=OTHER_ENV":
+        return [f"--ckpt_path={other_env_checkpoint(directory / 'acrobot')}"]
+    return override.split(" ")
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    """Every bad input typed at the real CLI, two subprocesses at a time (each is ~5 s of imports)."""
+    directories = {override: tmp_path_factory.mktemp("bad") for override, _ in BAD_INPUTS}
+    commands = {override: ["fit", "--config", CONFIG, *TINY, *resolve(override, directories[override])]
+                for override, _ in BAD_INPUTS}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {override: pool.submit(run_lit_impala, commands[override], directories[override], 120.0)
+                   for override in commands}
+        return {override: future.result() for override, future in futures.items()}
+
+
+@pytest.mark.slow  # the table: 27 subprocesses of ~5 s, two at a time
+@pytest.mark.parametrize("override, message", BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
+def test_bad_input_is_one_line_and_exit_2_before_actors_start(bad_input_runs, override, message):
+    run = bad_input_runs[override]
+    assert run.returncode == 2, run.tail()
+    assert "Traceback" not in run.output, run.tail()
+    error_lines = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error_lines) == 1 and message in error_lines[0], run.tail()
+    assert run.stderr.rstrip().endswith(error_lines[0]), run.tail()  # the last thing the user reads
+    # A short message: at most Lightning's few start-up lines (seed, GPU/TPU) before it.
+    assert len(run.output.strip().splitlines()) <= 5, run.tail()
+    assert run.spawned_actors == 0, "the error must come before any actor process starts"
+
+
+def test_the_bad_input_table_is_large():
+    assert len(BAD_INPUTS) >= 20
+
+
+def test_full_error_shows_the_traceback_for_debugging(tmp_path):
+    run = run_lit_impala(["fit", "--config", CONFIG, *TINY, "--model.lr=-1"], tmp_path, env={FULL_ERROR_ENV: "1"})
+    assert run.returncode == 1 and "Traceback (most recent call last)" in run.stderr, run.tail()
+    assert 'Parser key "model.lr":\n  Not of type PositiveFloat: -1' in run.stderr
+
+
+def test_python_callers_get_exceptions_not_exits(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="sync_actors: true is for local actors"):
+        cli_main(["fit", "--config", CONFIG, *TINY, "--data.actors=remote", "--data.sync_actors=true"])
+    with pytest.raises(argparse.ArgumentError, match="learning_rate"):
+        cli_main(["fit", "--config", CONFIG, *TINY, "--model.learning_rate=0.1"])
+
+
+def test_the_module_config_selects_the_pg_target(tmp_path, monkeypatch):
+    """``model.pg_target`` reaches the learner: a tiny CartPole fit with the rlax target and lambda 0.5."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([
+        "fit", "--config", str(REPO / "configs" / "cartpole.yaml"), "--model.pg_target=rlax", "--model.lambda_=0.5",
+        "--trainer.max_steps=3", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks=null", "--trainer.enable_checkpointing=false",
+        "--data.num_actors=1", "--data.envs_per_actor=4", "--data.unroll_length=5", "--data.batch_size=4",
+    ])
+    assert cli.model.hparams.pg_target == "rlax"
+    assert cli.trainer.global_step == 3
+    with pytest.raises(argparse.ArgumentError, match="acme"):  # a Literal: refused at parse time
+        cli_main(["fit", "--config", str(REPO / "configs" / "cartpole.yaml"), "--model.pg_target=acme"])

@@ -1,0 +1,200 @@
+"""Evaluation: whole episodes with real gymnasium envs and real networks, mp4 videos, and the callback
+through the real entry point (CSV and offline W&B loggers)."""
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import imageio.v2 as imageio
+import numpy as np
+import pytest
+import torch
+
+from lit_impala.callbacks import EvaluationCallback
+from lit_impala.cli import cli_main
+from lit_impala.episodes import EvalResult, run_episodes
+from lit_impala.learner import ImpalaModule
+from lit_impala.video import write_video
+from lit_impala.wandb_history import read_history
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cartpole.yaml")
+CARTPOLE = {"observation_shape": [4], "action_space": {"type": "discrete", "n": 2}}
+PENDULUM = {"observation_shape": [3], "action_space": {"type": "box", "low": [-2.0], "high": [2.0]}}
+
+
+def agent(use_lstm=False, **spec):
+    torch.manual_seed(0)
+    return ImpalaModule(**(spec or CARTPOLE), use_lstm=use_lstm).network
+
+
+def read_mp4(path):
+    """(number of frames, (width, height)) of an mp4, decoded by imageio's ffmpeg plugin."""
+    with imageio.get_reader(str(path), format="FFMPEG") as reader:
+        return reader.count_frames(), reader.get_meta_data()["size"]
+
+
+# --- run_episodes ---------------------------------------------------------------------------------------
+
+
+def test_cartpole_episodes_return_one_per_step_and_repeat_with_the_seed():
+    network = agent()
+    result = run_episodes(network, "CartPole-v1", {}, num_episodes=3, seed=7)
+    assert isinstance(result, EvalResult) and result.frames is None
+    assert len(result.returns) == len(result.lengths) == 3
+    assert all(isinstance(r, float) for r in result.returns) and all(isinstance(n, int) for n in result.lengths)
+    assert result.returns == [float(n) for n in result.lengths]  # CartPole: reward 1 per step
+    assert all(1 <= n <= 500 for n in result.lengths)
+    assert run_episodes(network, "CartPole-v1", {}, num_episodes=3, seed=7) == result  # greedy + same seed
+    assert network.training  # the caller's module is left as it was
+
+
+def test_env_options_reach_the_env():
+    result = run_episodes(agent(), "CartPole-v1", {"max_episode_steps": 5}, num_episodes=2, deterministic=False)
+    assert all(n <= 5 for n in result.lengths)
+
+
+def test_video_is_one_frame_after_reset_and_one_per_step_capped():
+    network = agent()
+    result = run_episodes(network, "CartPole-v1", {}, num_episodes=2, seed=3, record_video=True)
+    assert result.frames.dtype == np.uint8
+    assert result.frames.shape == (result.lengths[0] + 1, 400, 600, 3)  # first episode only
+    assert result.frames.max() > 0
+    capped = run_episodes(network, "CartPole-v1", {}, num_episodes=1, seed=3, record_video=True, max_video_frames=4)
+    assert capped.frames.shape[0] == 4 and capped.lengths[0] == result.lengths[0]  # the episode still runs to its end
+
+
+def test_lstm_agent_runs_episodes():
+    result = run_episodes(agent(use_lstm=True), "CartPole-v1", {}, num_episodes=2)
+    assert len(result.returns) == 2 and result.returns == [float(n) for n in result.lengths]
+
+
+def test_pendulum_box_actions_run_a_whole_episode():
+    result = run_episodes(agent(**PENDULUM), "Pendulum-v1", {}, num_episodes=1, deterministic=False)
+    assert result.lengths == [200]  # truncated by the time limit
+    assert result.returns[0] < 0  # Pendulum's reward is a cost
+
+
+# --- write_video ----------------------------------------------------------------------------------------
+
+
+def test_write_video_is_a_readable_mp4(tmp_path):
+    frames = np.random.default_rng(0).integers(0, 256, size=(6, 40, 60, 3), dtype=np.uint8)
+    path = write_video(frames, tmp_path / "nested" / "dir" / "clip.mp4", fps=10)
+    assert path == tmp_path / "nested" / "dir" / "clip.mp4"
+    assert path.read_bytes()[4:8] == b"ftyp"
+    assert read_mp4(path) == (6, (60, 40))
+    assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary file left behind
+
+
+def test_write_video_pads_odd_sizes_to_even(tmp_path):
+    frames = np.full((3, 31, 45, 3), 200, dtype=np.uint8)
+    assert read_mp4(write_video(frames, tmp_path / "odd.mp4")) == (3, (46, 32))
+
+
+# --- bad arguments --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every_n_steps": 0}, "every_n_steps must be a PositiveInt, got 0"),
+        ({"num_episodes": -2}, "num_episodes must be a PositiveInt, got -2"),
+        ({"video_fps": 0}, "video_fps must be a PositiveInt, got 0"),
+    ],
+)
+def test_callback_names_a_bad_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvaluationCallback(**kwargs)
+
+
+def test_bad_inputs_are_named(tmp_path):
+    with pytest.raises(ValueError, match="num_episodes must be >= 1, got 0"):
+        run_episodes(agent(), "CartPole-v1", {}, num_episodes=0)
+    with pytest.raises(ValueError, match=r"got shape \(4, 4\)"):
+        write_video(np.zeros((4, 4), dtype=np.uint8), tmp_path / "bad.mp4")
+    with pytest.raises(ValueError, match="fps must be >= 1, got 0"):
+        write_video(np.zeros((1, 4, 4, 3), dtype=np.uint8), tmp_path / "bad.mp4", fps=0)
+
+
+# --- the callback in a real fit -------------------------------------------------------------------------
+
+
+def fit_with_evaluation(*extra):
+    callbacks = [{"class_path": "lit_impala.callbacks.EvaluationCallback",
+                  "init_args": {"every_n_steps": 10, "num_episodes": 2}}]
+    cli = cli_main([
+        "fit", "--config", CONFIG,
+        "--trainer.max_steps=20",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        "--episode_stats.stop_at_return=null",
+        "--data.num_actors=1",
+        "--data.envs_per_actor=8",
+        "--data.unroll_length=10",
+        "--data.batch_size=4",
+        *extra,
+    ])
+    (evaluation,) = [c for c in cli.trainer.callbacks if isinstance(c, EvaluationCallback)]
+    return cli, evaluation
+
+
+def check_history(evaluation, run_dir):
+    steps = [row["step"] for row in evaluation.history]
+    # 10 may still be running at 20 (then 20 is skipped); the end of training waits for it and
+    # evaluates step 20 unless that was already done.
+    assert steps == [10, 20], steps
+    for row in evaluation.history:
+        assert row["video_path"] == run_dir / "videos" / f"eval_step{row['step']:07d}.mp4"
+        assert row["video_path"].read_bytes()[4:8] == b"ftyp"
+        assert 1 <= row["length_mean"] <= 500 and row["return_mean"] == row["length_mean"]
+    assert len(evaluation.last_result.returns) == 2 and evaluation.last_result.frames is None
+
+
+def test_callback_logs_to_csv_and_writes_videos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli, evaluation = fit_with_evaluation(
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}"
+    )
+    assert cli.trainer.global_step == 20
+    log_dir = tmp_path / "lightning_logs" / "version_0"
+    check_history(evaluation, log_dir)
+    with open(log_dir / "metrics.csv") as file:
+        rows = [row for row in csv.DictReader(file) if row["eval/return_mean"]]
+    assert [int(row["step"]) for row in rows] == [10, 20]
+    for row in rows:
+        assert float(row["eval/episodes"]) == 2 and float(row["eval/return_std"]) >= 0
+    assert sorted(p.name for p in (log_dir / "videos").iterdir()) == ["eval_step0000010.mp4", "eval_step0000020.mp4"]
+
+
+def test_callback_logs_to_offline_wandb_with_videos(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cli, evaluation = fit_with_evaluation(
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
+        "--trainer.logger.offline=true",
+        "--trainer.logger.project=lit_impala",
+        f"--trainer.logger.save_dir={tmp_path}",
+    )
+    run_files = Path(cli.trainer.logger.experiment.dir)
+    check_history(evaluation, run_files)
+    cli.trainer.logger.experiment.finish()  # flush: in a `fit` process, exiting does this
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert run_files.resolve() == (run_dir / "files").resolve()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # under CPU load wandb's service may write records after finish()
+        history = read_history(run_dir)
+        videos = [row for row in history if "eval/video/videos" in row]
+        if len(videos) == 2:
+            break
+        time.sleep(0.5)
+    scalars = [row for row in history if "eval/return_mean" in row]
+    assert [row["trainer/global_step"] for row in scalars] == [10, 20]
+    assert [row["trainer/global_step"] for row in videos] == [10, 20]
+    logged = [row["eval/video/videos"][0]["path"] for row in videos]
+    assert all(path.startswith("media/videos/eval/") and path.endswith(".mp4") for path in logged)
+    for path in logged:  # wandb copies the mp4 into the run's media folder as it is
+        assert (run_files / path).read_bytes()[4:8] == b"ftyp"

@@ -1,0 +1,201 @@
+"""Checkpoints and resume: Ctrl-C ends a run after its current update with a consistent ``last.ckpt``,
+``fit --ckpt_path last`` continues from it exactly, and ``test`` evaluates a checkpoint."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import lightning as L
+import psutil
+import pytest
+import torch
+
+from lit_impala.callbacks import EpisodeStats
+from lit_impala.cli import cli_main
+from tests.conftest import REPO
+
+CONFIG = str(REPO / "configs" / "cartpole.yaml")
+FRAMES_PER_UPDATE = 20 * 32  # unroll_length x batch_size in cartpole.yaml
+MAX_STEPS = 600  # the same in both runs: the LR schedule decays over it
+
+
+class ResumeProbe(L.Callback):
+    """Records the state a resumed run starts from, then stops it after ``steps`` updates."""
+
+    def __init__(self, steps: int = 10):
+        self.steps = steps
+        self.start = None
+        self.first_batch_min_version = None
+
+    def on_train_start(self, trainer, pl_module):
+        optimizer = trainer.optimizers[0]
+        self.start = {
+            "global_step": trainer.global_step,
+            "env_frames": EpisodeStats.of(trainer).env_frames,
+            "lr": optimizer.param_groups[0]["lr"],
+            "optimizer_state": {k: {n: v.clone() if torch.is_tensor(v) else v for n, v in s.items()}
+                                for k, s in optimizer.state_dict()["state"].items()},
+            "episode_returns": list(EpisodeStats.of(trainer).episode_returns),
+        }
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.first_batch_min_version is None:
+            self.first_batch_min_version = int(batch["policy_version"].min())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.start["global_step"] + self.steps:
+            trainer.should_stop = True
+
+
+def callbacks_arg(ckpt_dir, *extra) -> str:
+    checkpoint = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                  "init_args": {"dirpath": str(ckpt_dir), "every_n_train_steps": 20, "save_last": True}}
+    return "--trainer.callbacks=" + json.dumps([checkpoint, *extra])
+
+
+def common_args(ckpt_dir, *extra_callbacks) -> list[str]:
+    return ["--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            callbacks_arg(ckpt_dir, *extra_callbacks), "--episode_stats.stop_at_return=null",
+            f"--trainer.max_steps={MAX_STEPS}", "--data.envs_per_actor=16"]
+
+
+def interrupt_run(tmp_path, ckpt_dir, signals=(("group", signal.SIGINT),)) -> tuple[int, str, float, list[int]]:
+    """Start a fit; once the first periodic checkpoint exists, send ``signals`` (each to the whole
+    process group, as Ctrl-C in a terminal does, or to the learner only)."""
+    log_path = tmp_path / "run1.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "lit_impala", "fit", *common_args(ckpt_dir)], cwd=tmp_path,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        children: set[int] = set()
+        deadline = time.monotonic() + 240
+        try:
+            while not (ckpt_dir / "last.ckpt").exists():
+                assert process.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, "no checkpoint written in time"
+                children.update(c.pid for c in psutil.Process(process.pid).children(recursive=True))
+                time.sleep(0.1)
+            time.sleep(1.0)  # a few more updates past the periodic save
+            children.update(c.pid for c in psutil.Process(process.pid).children(recursive=True))
+            interrupted = time.monotonic()
+            for target, signum in signals:
+                if target == "group":
+                    os.killpg(process.pid, signum)
+                else:
+                    process.send_signal(signum)
+                time.sleep(0.05)
+            code = process.wait(timeout=30)
+            exit_s = time.monotonic() - interrupted
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+    return code, log_path.read_text(), exit_s, sorted(children)
+
+
+@pytest.mark.slow
+def test_ctrl_c_then_resume_continues_exactly(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    code, output, exit_s, children = interrupt_run(tmp_path, ckpt_dir)
+
+    # 1. Ctrl-C: the update in flight completes, then a clean stop within 15 s, no actor left behind.
+    assert code == 128 + signal.SIGINT, output
+    assert exit_s < 15, f"took {exit_s:.1f} s to stop after SIGINT\n{output}"
+    assert children, "actor processes should have been running"
+    time.sleep(1.0)
+    alive = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"actor processes left: {alive}"
+    stopped = re.search(r"Training stopped after (\d+) updates and (\d+) env frames", output)
+    assert stopped, output
+
+    # 2. last.ckpt holds that final update, and its counts belong together.
+    checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    step, frames = checkpoint["global_step"], checkpoint["callbacks"]["EpisodeStats"]["env_frames"]
+    assert (step, frames) == (int(stopped[1]), int(stopped[2]))
+    assert step > 20 and frames == step * FRAMES_PER_UPDATE
+    saved_lr = checkpoint["lr_schedulers"][0]["_last_lr"][0]
+    assert saved_lr == pytest.approx(0.002 * (1 - step / MAX_STEPS))
+
+    # 3. Resume: everything continues from the checkpoint, nothing restarts from scratch.
+    probe_spec = {"class_path": "tests.integration.test_resume.ResumeProbe", "init_args": {"steps": 10}}
+    cli = cli_main(["fit", *common_args(ckpt_dir, probe_spec), "--ckpt_path=last"])
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResumeProbe))
+    assert probe.start["global_step"] == step
+    assert probe.start["env_frames"] == frames
+    assert probe.start["lr"] == pytest.approx(saved_lr)
+    assert probe.start["episode_returns"] == checkpoint["callbacks"]["EpisodeStats"]["episode_returns"]
+    saved_state = checkpoint["optimizer_states"][0]["state"]
+    assert saved_state.keys() == probe.start["optimizer_state"].keys()
+    for index, state in saved_state.items():
+        for name, value in state.items():
+            torch.testing.assert_close(probe.start["optimizer_state"][index][name], value, rtol=0, atol=0)
+    # The actors started from the restored weights, tagged with the restored update count.
+    assert probe.first_batch_min_version >= step
+    assert cli.trainer.global_step == step + 10
+    assert EpisodeStats.of(cli.trainer).env_frames == frames + 10 * FRAMES_PER_UPDATE
+
+
+@pytest.mark.slow
+def test_test_subcommand_evaluates_a_trained_checkpoint(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    args = ["--config", CONFIG, "--trainer.logger=false", "--trainer.enable_progress_bar=false",
+            callbacks_arg(ckpt_dir)]
+    fit = cli_main(["fit", *args])
+    assert EpisodeStats.of(fit.trainer).mean_return >= 475  # stopped by stop_at_return
+    capsys.readouterr()
+    cli_main(["test", *args, "--ckpt_path", str(ckpt_dir / "last.ckpt"), "--data.test_episodes=20"])
+    printed = capsys.readouterr().out
+    found = re.search(r"Test: mean return ([\d.]+) \+- ([\d.]+) \(std\) over 20 episodes", printed)
+    assert found, printed
+    assert float(found[1]) >= 475, printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "signals, exit_code",
+    [((("learner", signal.SIGTERM),), 128 + signal.SIGTERM),  # a scheduler's stop: to the learner only
+     ((("group", signal.SIGINT), ("group", signal.SIGINT)), None)],  # Ctrl-C twice: out at once
+    ids=["sigterm", "ctrl-c-twice"],
+)
+def test_sigterm_and_a_second_ctrl_c_stop_cleanly(tmp_path, signals, exit_code):
+    ckpt_dir = tmp_path / "checkpoints"
+    code, output, exit_s, children = interrupt_run(tmp_path, ckpt_dir, signals)
+    assert exit_s < 15, f"took {exit_s:.1f} s to stop\n{output}"
+    if exit_code is not None:
+        assert code == exit_code, output
+        checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["callbacks"]["EpisodeStats"]["env_frames"] == checkpoint["global_step"] * FRAMES_PER_UPDATE
+    else:
+        assert code != 0, output
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt_dir = tmp_path / "checkpoints"
+    code, output, _, children = interrupt_run(tmp_path, ckpt_dir, (("group", signal.SIGKILL),))
+    assert code == -signal.SIGKILL
+    _, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
+    # Whatever moment the kill hit, every checkpoint file there is complete and consistent
+    # (Lightning writes to a temporary file and renames it).
+    files = sorted(ckpt_dir.iterdir())
+    assert files and all(f.suffix == ".ckpt" for f in files), files
+    for path in files:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        assert checkpoint["callbacks"]["EpisodeStats"]["env_frames"] == checkpoint["global_step"] * FRAMES_PER_UPDATE
+    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    probe_spec = {"class_path": "tests.integration.test_resume.ResumeProbe", "init_args": {"steps": 5}}
+    cli = cli_main(["fit", *common_args(ckpt_dir, probe_spec), "--ckpt_path=last"])
+    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResumeProbe))
+    assert probe.start["global_step"] == last["global_step"] >= 20
+    assert probe.start["env_frames"] == last["callbacks"]["EpisodeStats"]["env_frames"]
+    assert probe.start["lr"] == pytest.approx(last["lr_schedulers"][0]["_last_lr"][0])
+    assert cli.trainer.global_step == last["global_step"] + 5

@@ -1,0 +1,94 @@
+"""The actor pipeline on real CartPole envs: episode boundaries are exact, no phantom steps."""
+
+from functools import partial
+
+import pytest
+import torch
+
+from lit_impala.core.networks import ActorCriticMLP
+from lit_impala.data import ImpalaDataModule
+from lit_impala.envs.factory import describe_env
+from lit_impala.schema import to_time_major
+
+X_LIMIT, THETA_LIMIT = 2.4, 12 * 2 * 3.141592653589793 / 360  # CartPole-v1's termination bounds
+MAX_STEPS = 40  # a short time limit so that both terminations and truncations occur
+
+
+def out_of_bounds(obs):
+    return (obs[..., 0].abs() > X_LIMIT) | (obs[..., 2].abs() > THETA_LIMIT)
+
+
+@pytest.fixture(scope="module")
+def batches():
+    data = ImpalaDataModule("CartPole-v1", num_actors=2, envs_per_actor=8, unroll_length=25, batch_size=12, seed=3,
+                            max_episode_steps=MAX_STEPS)
+    network = ActorCriticMLP(4, 2)
+    data.start_actors(network, partial(ActorCriticMLP, 4, 2))
+    try:
+        stream = iter(data.train_dataloader())
+        yield [to_time_major(next(stream)) for _ in range(40)]
+    finally:
+        data.stop_actors()
+
+
+def test_batches_have_the_requested_shape(batches):
+    for trajectory in batches:
+        assert trajectory.reward.shape == (25, 12)
+        assert trajectory.observation.shape == (25, 12, 4)
+        assert trajectory.action.dtype == torch.int64
+
+
+def test_every_step_is_a_real_step(batches):
+    # CartPole pays 1 for every real step: a phantom (autoreset) transition would pay 0
+    for trajectory in batches:
+        assert (trajectory.reward == 1).all()
+        # the step counter goes up by exactly one inside an episode and restarts at 1 after it
+        length = trajectory.episode_length
+        expected_next = torch.where(trajectory.done[:-1], torch.ones_like(length[1:]), length[:-1] + 1)
+        assert torch.equal(length[1:], expected_next)
+
+
+def test_observations_chain_within_episodes_and_reset_between(batches):
+    for trajectory in batches:
+        not_done = ~trajectory.done[:-1]
+        assert torch.equal(trajectory.observation[1:][not_done], trajectory.next_observation[:-1][not_done])
+        reset_obs = trajectory.observation[1:][trajectory.done[:-1]]
+        assert (reset_obs.abs() <= 0.05).all()  # CartPole resets uniformly in [-0.05, 0.05]
+
+
+def test_episode_returns_equal_lengths_and_ends_are_classified(batches):
+    terminations = truncations = 0
+    for trajectory in batches:
+        done = trajectory.done
+        assert torch.equal(trajectory.episode_return[done], trajectory.episode_length[done].float())
+        final = trajectory.next_observation
+        # terminated: the final observation is outside the bounds; truncated: inside, at the limit
+        assert out_of_bounds(final[trajectory.terminated]).all()
+        trunc = trajectory.truncated & ~trajectory.terminated
+        assert (trajectory.episode_length[trunc] == MAX_STEPS).all()
+        assert not out_of_bounds(final[trunc]).any()
+        assert not out_of_bounds(final[~done]).any()
+        terminations += int(trajectory.terminated.sum())
+        truncations += int(trunc.sum())
+    assert terminations > 50 and truncations > 5, (terminations, truncations)
+
+
+def test_behaviour_log_probs_are_those_of_the_published_weights(batches):
+    # Every step was acted with version 0 (nothing else was published), and the recorded log-prob is
+    # log pi(a|x) of a real 2-action policy.
+    for trajectory in batches:
+        assert (trajectory.policy_version == 0).all()
+        assert (trajectory.behaviour_log_prob <= 0).all() and (trajectory.behaviour_log_prob > -5).all()
+
+
+@pytest.mark.parametrize(
+    "env_id, message",
+    [
+        ("CartPole-v9", "Unknown gymnasium env id 'CartPole-v9'"),
+        ("Blackjack-v1", "has observation space Tuple"),
+        ("CarRacing-v3", "Env 'CarRacing-v3' could not be created: DependencyNotInstalled"),
+    ],
+)
+def test_unsupported_envs_are_rejected_by_name(env_id, message):
+    with pytest.raises(ValueError, match=message):
+        describe_env(env_id)

@@ -1,0 +1,157 @@
+"""Tests for lit_impala.core.losses: each term against a hand computation, its gradients, reductions and weights."""
+
+import pytest
+import torch
+
+from lit_impala.core import losses, vtrace
+
+T, B = 3, 2
+N = T * B
+
+
+def small_tensors(requires_grad=True):
+    """Fixed [T, B] float64 tensors, leaves so their .grad can be inspected."""
+    t = dict(
+        target_log_prob=[[-0.5, -1.0], [-2.0, -0.1], [-0.7, -3.0]],
+        pg_advantages=[[1.0, -2.0], [0.5, 3.0], [-1.5, 0.25]],
+        vs=[[1.0, 2.0], [-1.0, 0.5], [0.0, 4.0]],
+        values=[[0.5, 2.5], [-2.0, 0.5], [1.0, 1.0]],
+        entropy=[[1.2, 0.3], [0.9, 1.1], [0.4, 0.8]],
+    )
+    return {k: torch.tensor(v, dtype=torch.float64, requires_grad=requires_grad) for k, v in t.items()}
+
+
+def hand_sum(f, *tensors):
+    """sum over every (t, b) of f(elements), in plain Python floats."""
+    return sum(f(*(x[t, b].item() for x in tensors)) for t in range(T) for b in range(B))
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", 1 / N), ("sum", 1.0)])
+def test_policy_gradient_loss(reduction, scale):
+    x = small_tensors()
+    loss = losses.policy_gradient_loss(x["target_log_prob"], x["pg_advantages"], reduction=reduction)
+    expected = scale * hand_sum(lambda lp, a: -lp * a, x["target_log_prob"], x["pg_advantages"])
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+    loss.backward()
+    torch.testing.assert_close(x["target_log_prob"].grad, -scale * x["pg_advantages"].detach())
+    assert x["pg_advantages"].grad is None  # advantages are constants
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", 1 / N), ("sum", 1.0)])
+def test_baseline_loss(reduction, scale):
+    x = small_tensors()
+    loss = losses.baseline_loss(x["vs"], x["values"], reduction=reduction)
+    expected = scale * hand_sum(lambda vs, v: 0.5 * (vs - v) ** 2, x["vs"], x["values"])
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+
+    loss.backward()
+    torch.testing.assert_close(x["values"].grad, -scale * (x["vs"] - x["values"]).detach())
+    assert x["vs"].grad is None  # targets are constants
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", 1 / N), ("sum", 1.0)])
+def test_entropy_loss(reduction, scale):
+    x = small_tensors()
+    loss = losses.entropy_loss(x["entropy"], reduction=reduction)
+    assert loss.item() == pytest.approx(-scale * hand_sum(lambda h: h, x["entropy"]), rel=1e-12)
+
+    loss.backward()  # minimising the loss must push every entropy up
+    torch.testing.assert_close(x["entropy"].grad, torch.full((T, B), -scale, dtype=torch.float64))
+
+
+def test_sum_is_mean_times_number_of_elements():
+    x = small_tensors(requires_grad=False)
+    pairs = [
+        (losses.policy_gradient_loss, (x["target_log_prob"], x["pg_advantages"])),
+        (losses.baseline_loss, (x["vs"], x["values"])),
+        (losses.entropy_loss, (x["entropy"],)),
+    ]
+    for fn, args in pairs:
+        torch.testing.assert_close(fn(*args, reduction="sum"), N * fn(*args, reduction="mean"))
+
+
+def test_default_reduction_is_sum():
+    x = small_tensors(requires_grad=False)
+    returns = vtrace.VTraceReturns(vs=x["vs"], pg_advantages=x["pg_advantages"])
+    default = losses.impala_loss(x["target_log_prob"], x["entropy"], x["values"], returns)
+    summed = losses.impala_loss(x["target_log_prob"], x["entropy"], x["values"], returns, reduction="sum")
+    for a, b in zip(default, summed, strict=False):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("baseline_coef, ent_coef", [(0.5, 0.01), (0.25, 0.1), (0.0, 0.0)])
+def test_impala_loss_weights_and_unweighted_terms(reduction, baseline_coef, ent_coef):
+    x = small_tensors()
+    returns = vtrace.VTraceReturns(vs=x["vs"], pg_advantages=x["pg_advantages"])
+    terms = losses.impala_loss(
+        x["target_log_prob"],
+        x["entropy"],
+        x["values"],
+        returns,
+        baseline_coef=baseline_coef,
+        ent_coef=ent_coef,
+        reduction=reduction,
+    )
+    assert isinstance(terms, losses.LossTerms)
+    scale = 1 / N if reduction == "mean" else 1.0
+    policy = scale * hand_sum(lambda lp, a: -lp * a, x["target_log_prob"], x["pg_advantages"])
+    baseline = scale * hand_sum(lambda vs, v: 0.5 * (vs - v) ** 2, x["vs"], x["values"])
+    entropy = -scale * hand_sum(lambda h: h, x["entropy"])
+    # The stored terms are unweighted; only the total applies the coefficients.
+    assert terms.policy.item() == pytest.approx(policy, rel=1e-12)
+    assert terms.baseline.item() == pytest.approx(baseline, rel=1e-12)
+    assert terms.entropy.item() == pytest.approx(entropy, rel=1e-12)
+    assert terms.total.item() == pytest.approx(policy + baseline_coef * baseline + ent_coef * entropy, rel=1e-12)
+
+    terms.total.backward()
+    torch.testing.assert_close(x["values"].grad, -baseline_coef * scale * (x["vs"] - x["values"]).detach())
+    torch.testing.assert_close(x["target_log_prob"].grad, -scale * x["pg_advantages"].detach())
+    torch.testing.assert_close(x["entropy"].grad, torch.full((T, B), -ent_coef * scale, dtype=torch.float64))
+    assert x["vs"].grad is None and x["pg_advantages"].grad is None
+
+
+def test_impala_loss_with_vtrace_output_end_to_end():
+    torch.manual_seed(0)
+    values = torch.randn(T, B, dtype=torch.float64, requires_grad=True)
+    target_log_prob = torch.randn(T, B, dtype=torch.float64, requires_grad=True)
+    returns = vtrace.from_log_probs(
+        behaviour_action_log_probs=torch.randn(T, B, dtype=torch.float64),
+        target_action_log_probs=target_log_prob,
+        discounts=torch.full((T, B), 0.9, dtype=torch.float64),
+        rewards=torch.randn(T, B, dtype=torch.float64),
+        values=values,
+        bootstrap_value=torch.randn(B, dtype=torch.float64),
+    )
+    terms = losses.impala_loss(
+        target_log_prob, torch.rand(T, B, dtype=torch.float64), values, returns, reduction="mean"
+    )
+    terms.total.backward()
+    # Only the direct paths contribute: vs and pg_advantages are constants.
+    torch.testing.assert_close(values.grad, -0.5 * (returns.vs - values).detach() / N)
+    torch.testing.assert_close(target_log_prob.grad, -returns.pg_advantages / N)
+
+
+@pytest.mark.parametrize("bad", ["median", "none", "MEAN"])
+def test_invalid_reduction_raises(bad):
+    x = small_tensors(requires_grad=False)
+    returns = vtrace.VTraceReturns(vs=x["vs"], pg_advantages=x["pg_advantages"])
+    calls = [
+        lambda: losses.policy_gradient_loss(x["target_log_prob"], x["pg_advantages"], reduction=bad),
+        lambda: losses.baseline_loss(x["vs"], x["values"], reduction=bad),
+        lambda: losses.entropy_loss(x["entropy"], reduction=bad),
+        lambda: losses.impala_loss(x["target_log_prob"], x["entropy"], x["values"], returns, reduction=bad),
+    ]
+    for call in calls:
+        with pytest.raises(ValueError, match=repr(bad)):
+            call()
+
+
+def test_shape_mismatch_raises():
+    # [T, B] against [T, B, 1] would silently broadcast to [T, B, B].
+    x = small_tensors(requires_grad=False)
+    with pytest.raises(ValueError, match="pg_advantages"):
+        losses.policy_gradient_loss(x["target_log_prob"], x["pg_advantages"].unsqueeze(-1))
+    with pytest.raises(ValueError, match="values"):
+        losses.baseline_loss(x["vs"], x["values"].unsqueeze(-1))
