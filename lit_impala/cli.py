@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_impala import resume
+from lit_impala import interrupts, resume
 from lit_impala.callbacks import EpisodeStats, GracefulInterrupt
 from lit_impala.data import ImpalaDataModule
 from lit_impala.learner import ImpalaModule
@@ -145,6 +145,9 @@ def cli_main(args: list[str] | None = None, run: bool = True, **cli_options) -> 
 def main(args: list[str] | None = None) -> None:
     """``python -m lit_impala`` / ``lit-impala``: a configuration error is one line and exit code 2."""
     quiet_third_party_start_up()
+    if interrupts.is_fit(sys.argv[1:] if args is None else args):
+        # `python -m lit_impala` did this already, before its imports started threads; a no-op then.
+        interrupts.shield_child_processes()
     try:
         cli_main(args)
     except (argparse.ArgumentError, ConfigError) as error:

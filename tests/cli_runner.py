@@ -42,11 +42,12 @@ def run_lit_impala(
     env: dict[str, str] | None = None,
     interrupt_after_s: float | None = None,
     interrupt_signal: int = signal.SIGINT,
+    interrupt_times: int = 1,
 ) -> CliRun:
     """Run ``python -m lit_impala *args`` in ``cwd``; SIGKILL its process group and fail after ``timeout_s``.
 
     ``interrupt_after_s``: send ``interrupt_signal`` to the whole process group (what Ctrl-C in a
-    terminal does) once the run is that old and has child processes.
+    terminal does) once the run is that old and has child processes; ``interrupt_times`` times, 0.5 s apart.
     """
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(cwd), **(env or {})}
     environment.pop("COLUMNS", None)
@@ -61,6 +62,7 @@ def run_lit_impala(
         parent = psutil.Process(process.pid)
         descendants: dict[int, str] = {}
         interrupted_at = None
+        interrupts_sent = 0
         while process.poll() is None:
             try:
                 for child in parent.children(recursive=True):
@@ -72,9 +74,11 @@ def run_lit_impala(
             except psutil.Error:
                 pass
             elapsed = time.monotonic() - start
-            if interrupt_after_s is not None and interrupted_at is None and descendants and elapsed > interrupt_after_s:
+            if (interrupt_after_s is not None and interrupts_sent < interrupt_times and descendants
+                    and elapsed > interrupt_after_s + 0.5 * interrupts_sent):
                 os.killpg(process.pid, interrupt_signal)
-                interrupted_at = time.monotonic()
+                interrupts_sent += 1
+                interrupted_at = interrupted_at or time.monotonic()
             if elapsed > timeout_s:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()

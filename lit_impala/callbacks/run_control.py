@@ -17,6 +17,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
+from lit_impala import interrupts
 
 CHECKPOINT_FORMAT = 2
 
@@ -57,24 +58,32 @@ class GracefulInterrupt(L.Callback):
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.interrupted_by: signal.Signals | None = None
+        self._interrupted_by: signal.Signals | None = None
         self._previous: dict[int, object] = {}
+
+    @property
+    def interrupted_by(self) -> signal.Signals | None:
+        return self._interrupted_by or interrupts.received()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Installed here, after Lightning's own SIGTERM handler (registered when the run starts): that
         # one raises an exception at the next batch, which skips the end-of-training checkpoint.
-        self.interrupted_by = None
+        self._interrupted_by = None
         if threading.current_thread() is not threading.main_thread():
             return  # handlers can only be installed from the main thread
         for signum in self.SIGNALS:
+            if signum == signal.SIGINT and (interrupts.shielded() or interrupts.received()):
+                continue  # the CLI's start-up shield records Ctrl-C (lit_impala.interrupts)
             self._previous[signum] = signal.signal(signum, self._request_stop)
 
     def _request_stop(self, signum: int, frame) -> None:
-        self.interrupted_by = signal.Signals(signum)
+        self._interrupted_by = signal.Signals(signum)
         # From now on the default handlers apply: a second Ctrl-C interrupts at once.
         self._restore()
-        print(f"\n{self.interrupted_by.name}: stopping after this update and writing a checkpoint "
-              "(press Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        print(f"\n{self._interrupted_by.name}: {interrupts.STOP_MESSAGE}", file=sys.stderr, flush=True)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        interrupts.unshield()  # the actors are running: Ctrl-C may reach the main thread again
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         interrupted = self.interrupted_by is not None
@@ -90,10 +99,13 @@ class GracefulInterrupt(L.Callback):
         self._previous.clear()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._interrupted_by = self.interrupted_by  # kept for the CLI's exit code
         self._restore()
+        interrupts.release()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._restore()
+        interrupts.release()
 
 
 def checkpoint_format(checkpoint: dict) -> int:

@@ -125,6 +125,31 @@ def test_ctrl_c_under_ddp_with_the_shipped_config_stops_every_rank(tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_while_the_ranks_start_still_stops_every_rank_after_one_update(tmp_path):
+    """Ctrl-C reaches every process of the group: a rank or an actor still importing used to die of it, and
+    Lightning's launcher then SIGKILLed every rank (exit -9, no checkpoint). Here it lands as soon as the
+    first child process exists, long before the first update."""
+    run = run_lit_impala(["fit", "--config", str(REPO / "configs" / "cartpole.yaml"), *TWO_CPU_RANKS,
+                          "--trainer.max_steps=100000", "--episode_stats.stop_at_return=null", *TINY],
+                         tmp_path, timeout_s=240, interrupt_after_s=0)
+    assert run.returncode == 130, run.tail()
+    assert "Traceback" not in run.stderr, run.tail()
+    assert "SIGINT: stopping after this update" in run.stderr, run.tail()
+    assert (tmp_path / "runs" / "checkpoints" / "cartpole" / "last.ckpt").is_file()
+    assert_all_gone(run.descendants)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_while_the_ranks_start_stops_at_once(tmp_path):
+    run = run_lit_impala(["fit", "--config", str(REPO / "configs" / "cartpole.yaml"), *TWO_CPU_RANKS,
+                          "--trainer.max_steps=100000", "--episode_stats.stop_at_return=null", *TINY],
+                         tmp_path, timeout_s=240, interrupt_after_s=3, interrupt_times=2)
+    assert run.returncode != 0, run.tail()
+    assert run.interrupted_after_s is not None and run.interrupted_after_s < 20, run.tail()
+    assert_all_gone(run.descendants)
+
+
+@pytest.mark.slow
 def test_shipped_callbacks_with_a_csv_logger_end_cleanly_on_two_ranks(tmp_path):
     """Without W&B the run directory came from Trainer.log_dir, a broadcast, called by rank 0 alone: this hung."""
     run = run_lit_impala(["fit", "--config", str(REPO / "configs" / "cartpole.yaml"), *TWO_CPU_RANKS,
