@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from benchmarks.common import build_run, print_table, write_result
-from lit_impala.envs import make_gym_env
+from lit_impala.envs.factory import make_gym_env
 
 
 def measure_ceiling(config: str, overrides: list[str], seconds: float, num_envs: int | None = None) -> dict:
@@ -27,7 +27,9 @@ def measure_ceiling(config: str, overrides: list[str], seconds: float, num_envs:
     data, network = cli.datamodule, cli.model.network.eval()
     hp = data.hparams
     num_envs = num_envs or hp.num_actors * hp.envs_per_actor
-    env = gym.vector.SyncVectorEnv([partial(make_gym_env, hp.env_id, check_env=False, **data.env_options) for _ in range(num_envs)])
+    env = gym.vector.SyncVectorEnv(
+        [partial(make_gym_env, hp.env_id, check_env=False, **data.env_options) for _ in range(num_envs)]
+    )
     distribution = network.distribution
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in each actor process: one core steps the envs and runs the net

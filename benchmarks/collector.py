@@ -22,7 +22,7 @@ def measure_collector(config: str, overrides: list[str], seconds: float, warmup:
     started = time.perf_counter()
     data.start_actors(model.network, model.network_factory)
     try:
-        stream = iter(UnrollStream(data.rollouts(), hp.batch_size))  # the same path fit reads
+        stream = iter(UnrollStream(data.actors, hp.batch_size))  # the same path fit reads
         next(stream)
         first_batch_s = time.perf_counter() - started
         warm_until = time.perf_counter() + warmup

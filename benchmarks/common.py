@@ -44,12 +44,9 @@ def machine() -> dict:
 
 def build_run(config: str, overrides: list[str] | None = None):
     """The trainer, model and data module a ``fit --config config`` run would build, not yet run."""
-    from lit_impala.cli import ImpalaCLI
-    from lit_impala.data import ImpalaDataModule
-    from lit_impala.module import ImpalaModule
+    from lit_impala.cli import cli_main
 
-    args = ["--config", config, *(overrides or [])]
-    return ImpalaCLI(ImpalaModule, ImpalaDataModule, args=args, run=False, save_config_callback=None)
+    return cli_main(["--config", config, *(overrides or [])], run=False, save_config_callback=None)
 
 
 def print_table(title: str, header: list[str], rows: list[list]) -> None:
@@ -62,7 +59,7 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     print(f"\n{title}")
     for i, row in enumerate(cells):
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths)))
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=False)))
         if i == 0:
             print("  ".join("-" * width for width in widths))
 

@@ -1,7 +1,8 @@
 """Fit: the whole ``fit`` loop at steady state, as a fraction of the ceiling measured in the same run.
 
 Builds the run from the YAML exactly as ``python -m lit_impala fit`` does (logger and checkpoints
-included), trains for ``--warmup`` seconds after the first batch (past start-up and the first weights), then measures for ``--seconds``: env frames consumed by the learner per second, learner
+included), trains for ``--warmup`` seconds after the first batch (past start-up and the first weights),
+then measures for ``--seconds``: env frames consumed by the learner per second, learner
 updates per second, the fraction of wall time the learner waited for data, and the policy lag of the
 batches it learnt from, and the mean episode length at the end (long episodes mean fewer env resets,
 which cost the actors more than steps: ``--model.lr=1e-12`` holds the policy near its random init
@@ -21,7 +22,7 @@ import lightning as L
 
 from benchmarks.ceiling import measure_ceiling
 from benchmarks.common import build_run, print_table, write_result
-from lit_impala.evaluation import EvaluationCallback
+from lit_impala.callbacks import EpisodeStats, EvaluationCallback
 
 
 class ThroughputProbe(L.Callback):
@@ -49,15 +50,15 @@ class ThroughputProbe(L.Callback):
         self.last_end = now
         if self.window_start is None:
             if now - self.first_batch_time >= self.warmup:
-                self.window_start = (now, module.env_frames, trainer.global_step)
+                self.window_start = (now, EpisodeStats.of(trainer).env_frames, trainer.global_step)
             return
         lag = (trainer.global_step - 1) - batch["policy_version"].float()
         self.lags.append(lag.mean().item())
         self.max_lag = max(self.max_lag, int(lag.max().item()))
         if now - self.window_start[0] >= self.seconds:
-            self.window_end = (now, module.env_frames, trainer.global_step)
+            self.window_end = (now, EpisodeStats.of(trainer).env_frames, trainer.global_step)
             # Episode length sets how often envs reset, which costs the actors more than a step.
-            lengths = module.episode_lengths
+            lengths = EpisodeStats.of(trainer).episode_lengths
             self.mean_episode_length = sum(lengths) / len(lengths) if lengths else float("nan")
             trainer.should_stop = True
 
@@ -80,8 +81,12 @@ class ThroughputProbe(L.Callback):
 
 def measure_fit(config: str, overrides: list[str], seconds: float, warmup: float) -> dict:
     # No early stop, and a step budget the window never reaches; the progress bar would only cost time.
-    overrides = ["--model.stop_at_return=null", "--trainer.max_steps=1000000", "--trainer.enable_progress_bar=false",
-                 *overrides]
+    overrides = [
+        "--episode_stats.stop_at_return=null",
+        "--trainer.max_steps=1000000",
+        "--trainer.enable_progress_bar=false",
+        *overrides,
+    ]
     cli = build_run(config, overrides)
     # Evaluation is a periodic side job whose cost depends on its own settings (episodes, video): it is
     # left out so the figure is the training pipeline's. time_to_solve keeps it.
@@ -116,13 +121,31 @@ def main(argv: list[str] | None = None) -> dict:
     fit = measure_fit(args.config, overrides, args.seconds, args.warmup)
     ratio = fit["frames_per_second"] / ceiling["frames_per_second"]
     print_table(
-        f"Fit at steady state vs the ceiling ({fit['env_id']}, {fit['num_actors']} actors x {fit['envs_per_actor']} envs, "
+        f"Fit at steady state vs the ceiling ({fit['env_id']}, "
+        f"{fit['num_actors']} actors x {fit['envs_per_actor']} envs, "
         f"{fit['frames_per_update']} frames/update, learner on {fit['learner_device']})",
-        ["ceiling frames/s", "fit frames/s", "fit / ceiling", "updates/s", "learner waits", "lag mean", "lag max",
-         "episode length"],
-        [[ceiling["frames_per_second"], fit["frames_per_second"], ratio, fit["updates_per_second"],
-          f"{fit['learner_wait_fraction']:.0%}", fit["policy_lag_mean"], fit["policy_lag_max"],
-          fit["mean_episode_length"]]],
+        [
+            "ceiling frames/s",
+            "fit frames/s",
+            "fit / ceiling",
+            "updates/s",
+            "learner waits",
+            "lag mean",
+            "lag max",
+            "episode length",
+        ],
+        [
+            [
+                ceiling["frames_per_second"],
+                fit["frames_per_second"],
+                ratio,
+                fit["updates_per_second"],
+                f"{fit['learner_wait_fraction']:.0%}",
+                fit["policy_lag_mean"],
+                fit["policy_lag_max"],
+                fit["mean_episode_length"],
+            ]
+        ],
     )
     result = {"ceiling": ceiling, "fit": fit, "fit_over_ceiling": ratio}
     write_result(args.name, result)

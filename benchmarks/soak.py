@@ -38,9 +38,18 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = [arg for arg in overrides if arg != "--"]
 
     workdir = tempfile.mkdtemp(prefix="lit_impala_soak_")
-    command = [sys.executable, "-m", "lit_impala", "fit", "--config", os.path.abspath(args.config),
-               "--model.stop_at_return=null", "--trainer.max_steps=100000000", "--trainer.enable_progress_bar=false",
-               *overrides]
+    command = [
+        sys.executable,
+        "-m",
+        "lit_impala",
+        "fit",
+        "--config",
+        os.path.abspath(args.config),
+        "--episode_stats.stop_at_return=null",
+        "--trainer.max_steps=100000000",
+        "--trainer.enable_progress_bar=false",
+        *overrides,
+    ]
     log_path = os.path.join(workdir, "fit.log")
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -71,7 +80,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = [k for k in samples[-1] if k != "t"]
     settled = next(s for s in samples if s["t"] >= min(args.settle, samples[-1]["t"]))
     growth = {name: (samples[-1][name] - settled[name]) / settled[name] for name in names if name in settled}
-    rows = [[f"{s['t'] / 60:.1f}", *[f"{s.get(n, 0) / 2**20:.0f}" for n in names]] for s in samples[:: max(1, len(samples) // 12)]]
+    rows = [
+        [f"{s['t'] / 60:.1f}", *[f"{s.get(n, 0) / 2**20:.0f}" for n in names]]
+        for s in samples[:: max(1, len(samples) // 12)]
+    ]
     rows.append(["growth", *[f"{growth.get(n, float('nan')):+.1%}" for n in names]])
     print_table(f"Soak: RSS (MiB) over {args.minutes:g} min, growth from {settled['t']:.0f} s to the end",
                 ["minutes", *names], rows)

@@ -1,4 +1,4 @@
-"""V-trace: time per call of ``lit_impala.vtrace.from_importance_weights`` against torchrl's
+"""V-trace: time per call of ``lit_impala.core.vtrace.from_importance_weights`` against torchrl's
 ``vtrace_advantage_estimate`` on the same float32 inputs, after checking that both agree.
 
     python -m benchmarks.vtrace                 # CPU, and CUDA when present
@@ -17,7 +17,7 @@ from torch.utils import benchmark as torch_benchmark
 from torchrl.objectives.value.functional import vtrace_advantage_estimate
 
 from benchmarks.common import print_table, write_result
-from lit_impala import vtrace
+from lit_impala.core import vtrace
 
 GAMMA = 0.99
 
@@ -47,7 +47,9 @@ def make_problem(T: int, B: int, device: str, seed: int = 0) -> dict:
         "done": batch_first(done),
         "terminated": batch_first(done),
     }
-    move = lambda d: {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+    def move(inputs: dict) -> dict:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
     return {"ours": move(ours), "theirs": move(theirs)}
 
 
@@ -63,7 +65,9 @@ def check_agreement(problem: dict) -> float:
     """Largest absolute difference over vs and advantages (float32 rounding expected, ~1e-5)."""
     ours = run_ours(problem["ours"])
     advantages, vs = run_theirs(problem["theirs"])
-    to_time_major = lambda x: x.squeeze(-1).transpose(0, 1)
+    def to_time_major(x):
+        return x.squeeze(-1).transpose(0, 1)
+
     error = max(
         (ours.vs - to_time_major(vs)).abs().max().item(),
         (ours.pg_advantages - to_time_major(advantages)).abs().max().item(),
@@ -76,7 +80,9 @@ def check_agreement(problem: dict) -> float:
 
 def time_call(fn, inputs: dict, min_run_time: float) -> float:
     """Median seconds per call (torch.utils.benchmark: warm-up, CUDA synchronisation, thread settings)."""
-    timer = torch_benchmark.Timer(stmt="fn(inputs)", globals={"fn": fn, "inputs": inputs}, num_threads=torch.get_num_threads())
+    timer = torch_benchmark.Timer(
+        stmt="fn(inputs)", globals={"fn": fn, "inputs": inputs}, num_threads=torch.get_num_threads()
+    )
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
