@@ -64,7 +64,7 @@ class ImpalaDataModule(L.LightningDataModule):
             MultiDiscrete or a 1-D Box. ``"module:EnvId"`` imports ``module`` first (e.g.
             ``minigrid:MiniGrid-Empty-5x5-v0``).
         num_actors: actor processes, each stepping ``envs_per_actor`` envs with batched inference.
-        envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``).
+        envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``, or one envpool).
         unroll_length: T, steps per unroll (the paper's n).
         batch_size: B, unrolls per learner batch.
         seed: base env seed; each actor (and each DDP rank) gets a distinct seed derived from it.
@@ -97,6 +97,9 @@ class ImpalaDataModule(L.LightningDataModule):
             process or SLURM job ends is lost at once). A lost node is named in a warning and training
             goes on with the others (``actors_lost`` counts them); with none left the run stops with an
             error naming each one. Nodes cannot be restarted into a running run (torchrl 0.14).
+        env_backend: what steps the actors' envs: ``gymnasium`` (``SyncVectorEnv``, any gymnasium id) or
+            ``envpool`` (C++ vectorised envs, ``pip install -e ".[envpool]"``: Atari, classic control, MuJoCo;
+            the same episode boundaries, see ``envs.envpool``). Evaluation and ``test`` use gymnasium.
         max_actor_restarts: local actors: when an actor process dies (killed, or its env raised), all
             actors are restarted with the current weights and training goes on, this many times in the
             run; then the run stops with an error naming the env and showing the actor's traceback.
@@ -118,6 +121,7 @@ class ImpalaDataModule(L.LightningDataModule):
         eval_deterministic: bool = True,
         sync_every: PositiveInt = 1,
         atari_options: dict | None = None,
+        env_backend: Literal["gymnasium", "envpool"] = "gymnasium",
         actors: Literal["local", "remote"] = "local",
         remote_launcher: Literal["mp", "submitit", "external"] = "mp",
         remote_tcp_port: PositiveInt | None = None,
@@ -140,7 +144,13 @@ class ImpalaDataModule(L.LightningDataModule):
             "hide_observation_indices": hide_observation_indices,
             **({"atari_options": atari_options} if atari_options is not None else {}),
         }
-        self.env_facts = describe_env(env_id, **self.env_options)
+        self.env_facts = describe_env(env_id, backend=env_backend, **self.env_options)
+        if env_backend == "envpool":
+            # What the learner's network is built for must be what the gymnasium envs of evaluation give.
+            gymnasium_facts = describe_env(env_id, **self.env_options)
+            if gymnasium_facts != self.env_facts:
+                raise ValueError(f"env {env_id!r} differs between the envpool backend ({self.env_facts}) and "
+                                 f"gymnasium, which evaluation uses ({gymnasium_facts})")
         self.actors: ActorPool | None = None
         self._ended_pools: tuple[int, int] = (0, 0)  # (restarts, lost) of pools already shut down
 
@@ -182,7 +192,8 @@ class ImpalaDataModule(L.LightningDataModule):
             return
         hp = self.hparams
         common = dict(num_actors=hp.num_actors, envs_per_actor=hp.envs_per_actor, unroll_length=hp.unroll_length,
-                      version=version, seed=self.env_seed, rank=rank, env_options=self.env_options)
+                      version=version, seed=self.env_seed, rank=rank,
+                      env_options={**self.env_options, "backend": hp.env_backend})
         if hp.actors == "remote":
             self.actors = make_remote_collector(
                 hp.env_id, network, network_factory, **common, launcher=hp.remote_launcher, backend=hp.remote_backend,

@@ -95,7 +95,7 @@ class ImpalaModule(L.LightningModule):
         self,
         observation_shape: list[int],
         action_space: dict,
-        encoder: Literal["mlp", "resnet", "nature"] = "mlp",
+        encoder: Literal["mlp", "resnet", "nature", "minatar"] = "mlp",
         hidden_dim: PositiveInt = 64,
         feature_dim: PositiveInt = 64,
         use_lstm: bool = False,

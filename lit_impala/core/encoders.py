@@ -1,7 +1,8 @@
 """Observation encoders ``[N, *obs] -> [N, feature_dim]`` and the running observation normaliser.
 
 Plain ``nn.Module``s used by ``core.networks.ImpalaAgent``: an MLP for vectors, the IMPALA paper's deep
-ResNet and DQN's Nature CNN for images (uint8 pixels are scaled on the learner's device).
+ResNet and DQN's Nature CNN for images, the MinAtar paper's small CNN for 10x10 images (uint8 pixels are
+scaled on the learner's device).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENCODERS = ("mlp", "resnet", "nature")
+ENCODERS = ("mlp", "resnet", "nature", "minatar")
 
 # --- encoders: [N, *obs_shape] -> [N, feature_dim] -------------------------------------------------------
 
@@ -119,6 +120,21 @@ class NatureCNNEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc(self.convs(_scale_pixels(x, self.fc.weight))))
+
+
+class MinAtarEncoder(nn.Module):
+    """The MinAtar paper's network body (Young & Tian 2019): images ``[N, C, H, W]`` (uint8 or float in
+    [0, 1]; MinAtar's boolean channels arrive as 0 / 255) -> conv 16 3x3 s1 -> ReLU -> flatten -> Linear
+    -> ReLU -> ``[N, feature_dim]`` (the paper: 128). For small images: 10x10 -> 8x8x16 = 1024 features."""
+
+    def __init__(self, observation_shape: tuple[int, int, int], feature_dim: int = 128):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.conv = nn.Sequential(nn.Conv2d(observation_shape[0], 16, kernel_size=3, stride=1), nn.ReLU(), nn.Flatten())
+        self.fc = nn.Linear(_flat_size(self.conv, observation_shape, "minatar"), feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(self.conv(_scale_pixels(x, self.fc.weight))))
 
 
 # --- observation normalisation -------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from lit_impala.core.distributions import ActionDistribution, Categorical, DiagGaussian
 from lit_impala.core.encoders import (
     ENCODERS,
+    MinAtarEncoder,
     MLPEncoder,
     NatureCNNEncoder,
     ObservationNormalizer,
@@ -55,7 +56,8 @@ class ImpalaAgent(nn.Module):
     Args:
         observation_shape: shape of one observation: ``(size,)`` for "mlp", ``(C, H, W)`` for pixels.
         distribution: the action distribution; fixes the policy head's size ``distribution.param_size``.
-        encoder: "mlp" (vectors), "resnet" (IMPALA deep net) or "nature" (DQN Nature CNN).
+        encoder: "mlp" (vectors), "resnet" (IMPALA deep net), "nature" (DQN Nature CNN) or "minatar"
+            (the MinAtar paper's one-conv net, for 10x10 images).
         hidden_dim: width of the MLP encoder's hidden layer (unused by pixel encoders).
         feature_dim: encoder output size (the papers use 256 for "resnet", 512 for "nature").
         use_lstm: add an LSTM core between encoder and heads, reset at episode starts.
@@ -108,6 +110,8 @@ class ImpalaAgent(nn.Module):
             self.encoder = MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
         elif encoder == "resnet":
             self.encoder = ResNetEncoder(self.observation_shape, feature_dim)
+        elif encoder == "minatar":
+            self.encoder = MinAtarEncoder(self.observation_shape, feature_dim)
         else:
             self.encoder = NatureCNNEncoder(self.observation_shape, feature_dim)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from functools import partial
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
@@ -23,8 +23,17 @@ from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounte
 from torchrl.envs.libs.gym import default_info_dict_reader
 
 from lit_impala.envs.atari import is_atari_id, make_atari_env, register_atari_envs
-from lit_impala.envs.wrappers import ChannelsFirst, HideObservationComponents, ReportErrors, SelectObservationKey
+from lit_impala.envs.envpool import describe_envpool_env, make_envpool_env
+from lit_impala.envs.wrappers import (
+    BooleanImageAsPixels,
+    ChannelsFirst,
+    HideObservationComponents,
+    ReportErrors,
+    SelectObservationKey,
+)
 from lit_impala.schema import EPISODE_RETURN_KEY, LIFE_LOST_KEY
+
+EnvBackend = Literal["gymnasium", "envpool"]
 
 
 class EnvFacts(NamedTuple):
@@ -52,6 +61,13 @@ def _import_env_module(env_id: str) -> None:
             ) from error
     elif is_atari_id(env_id):
         register_atari_envs(env_id)  # ALE ids exist in gymnasium's registry once ale-py is imported
+    elif env_id.startswith("MinAtar/"):
+        try:
+            import minatar.gym
+        except ImportError as error:
+            raise ValueError(f'Env id {env_id!r} needs the minatar package: pip install -e ".[minatar]"') from error
+        if env_id not in gym.registry:
+            minatar.gym.register_envs()
 
 
 def make_gym_env(
@@ -101,7 +117,9 @@ def make_gym_env(
             )
         env = SelectObservationKey(env, observation_key)
     space = env.observation_space
-    if not atari and isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.bool_:
+        env = BooleanImageAsPixels(env)  # MinAtar: [10, 10, C] bool -> [C, 10, 10] uint8
+    elif not atari and isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.shape[-1] in (1, 3, 4):
         env = ChannelsFirst(env)  # Atari frame stacks are already [C, H, W]
     if hide_observation_indices:
         if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 1):
@@ -117,12 +135,21 @@ def make_gym_env(
     return env
 
 
-def describe_env(env_id: str, **options) -> EnvFacts:
+def describe_env(env_id: str, backend: EnvBackend = "gymnasium", **options) -> EnvFacts:
     """Build one env in this process, check it is supported and return its facts.
 
     Raises ``ValueError`` naming the id for an unknown env, and naming the space for an observation
     or action space no agent here handles. Called before any actor process starts.
     """
+    if backend == "envpool":
+        try:
+            obs_space, act_space = describe_envpool_env(env_id, **options)
+        except ValueError:
+            raise
+        except Exception as error:
+            message = f"Env {env_id!r} could not be created by envpool: {type(error).__name__}: {error}"
+            raise ValueError(message) from error
+        return _facts(env_id, obs_space, act_space)
     _import_env_module(env_id)
     registered = env_id.split(":", 1)[-1]
     if registered not in gym.registry:
@@ -139,6 +166,10 @@ def describe_env(env_id: str, **options) -> EnvFacts:
         obs_space, act_space = env.observation_space, env.action_space
     finally:
         env.close()
+    return _facts(env_id, obs_space, act_space)
+
+
+def _facts(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvFacts:
     if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3)):
         raise ValueError(
             f"Env {env_id!r} has observation space {obs_space}; supported: a 1-D Box (vector) or an image Box [H, W, C]"
@@ -157,15 +188,23 @@ def describe_env(env_id: str, **options) -> EnvFacts:
 
 
 def make_vector_env(
-    env_id: str, num_envs: int, seed: int | None = None, error_file: str | None = None, **options
+    env_id: str,
+    num_envs: int,
+    seed: int | None = None,
+    error_file: str | None = None,
+    backend: EnvBackend = "gymnasium",
+    **options,
 ) -> EnvBase:
     """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
 
     Adds torchrl's ``InitTracker`` (``is_init``: the observation starts an episode, so recurrent
     actors reset their state), ``RewardSum`` and ``StepCounter`` (running episode return and
     length; at a ``done`` step they hold the finished episode's). With ``error_file``, an exception
-    from the envs leaves its traceback there.
+    from the gymnasium envs leaves its traceback there. ``backend``: ``"gymnasium"`` (a ``SyncVectorEnv``
+    of ``make_gym_env`` envs) or ``"envpool"`` (``envs.envpool``: the same keys and episode boundaries).
     """
+    if backend == "envpool":
+        return _add_episode_transforms(make_envpool_env(env_id, num_envs, seed, **options))
     vector_env = SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
@@ -181,11 +220,16 @@ def make_vector_env(
                 [LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)}
             )
         )
+    env = _add_episode_transforms(base_env)
+    if seed is not None:
+        env.set_seed(seed)
+    return env
+
+
+def _add_episode_transforms(base_env: EnvBase) -> TransformedEnv:
     env = TransformedEnv(base_env, InitTracker())
     env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
     env.append_transform(StepCounter())
-    if seed is not None:
-        env.set_seed(seed)
     return env
 
 

@@ -24,6 +24,19 @@ class ChannelsFirst(gym.ObservationWrapper):
         return np.ascontiguousarray(np.moveaxis(observation, -1, 0))
 
 
+class BooleanImageAsPixels(gym.ObservationWrapper):
+    """Boolean ``[H, W, C]`` images (MinAtar's object channels) -> uint8 ``[C, H, W]`` pixels, 0 or 255:
+    one byte per cell travels to the learner, and every pixel encoder reads them as it reads frames."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        height, width, channels = env.observation_space.shape
+        self.observation_space = gym.spaces.Box(0, 255, (channels, height, width), dtype=np.uint8)
+
+    def observation(self, observation):
+        return np.ascontiguousarray(np.moveaxis(observation, -1, 0)).astype(np.uint8) * np.uint8(255)
+
+
 class HideObservationComponents(gym.ObservationWrapper):
     """Drop components of a vector observation (e.g. CartPole's velocities: a memory task)."""
 

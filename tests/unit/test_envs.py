@@ -1,4 +1,5 @@
-"""The actor pipeline on real CartPole envs: episode boundaries are exact, no phantom steps."""
+"""The actor pipeline on real CartPole envs, for each env backend (gymnasium, envpool): episode boundaries
+are exact, no phantom steps."""
 
 from functools import partial
 
@@ -18,10 +19,10 @@ def out_of_bounds(obs):
     return (obs[..., 0].abs() > X_LIMIT) | (obs[..., 2].abs() > THETA_LIMIT)
 
 
-@pytest.fixture(scope="module")
-def batches():
+@pytest.fixture(scope="module", params=["gymnasium", "envpool"])
+def batches(request):
     data = ImpalaDataModule("CartPole-v1", num_actors=2, envs_per_actor=8, unroll_length=25, batch_size=12, seed=3,
-                            max_episode_steps=MAX_STEPS)
+                            max_episode_steps=MAX_STEPS, env_backend=request.param)
     network = ActorCriticMLP(4, 2)
     data.start_actors(network, partial(ActorCriticMLP, 4, 2))
     try:
@@ -56,7 +57,8 @@ def test_observations_chain_within_episodes_and_reset_between(batches):
         assert (reset_obs.abs() <= 0.05).all()  # CartPole resets uniformly in [-0.05, 0.05]
 
 
-def test_episode_returns_equal_lengths_and_ends_are_classified(batches):
+def test_episode_returns_equal_lengths_and_ends_are_classified(batches, request):
+    backend = request.node.callspec.params["batches"]
     terminations = truncations = 0
     for trajectory in batches:
         done = trajectory.done
@@ -66,7 +68,10 @@ def test_episode_returns_equal_lengths_and_ends_are_classified(batches):
         assert out_of_bounds(final[trajectory.terminated]).all()
         trunc = trajectory.truncated & ~trajectory.terminated
         assert (trajectory.episode_length[trunc] == MAX_STEPS).all()
-        assert not out_of_bounds(final[trunc]).any()
+        if backend == "gymnasium":
+            assert not out_of_bounds(final[trunc]).any()
+        # envpool: an episode that terminates at the time limit's very step is reported truncated only
+        # (envpool computes terminated = done and not truncated); README, "env backends"
         assert not out_of_bounds(final[~done]).any()
         terminations += int(trajectory.terminated.sum())
         truncations += int(trunc.sum())
@@ -92,3 +97,17 @@ def test_behaviour_log_probs_are_those_of_the_published_weights(batches):
 def test_unsupported_envs_are_rejected_by_name(env_id, message):
     with pytest.raises(ValueError, match=message):
         describe_env(env_id)
+
+
+@pytest.mark.parametrize(
+    "env_id, options, message",
+    [
+        ("MinAtar/Breakout-v1", {}, "env_backend envpool has no env 'MinAtar/Breakout-v1'"),
+        ("CartPole-v1", {"observation_key": "image"}, "observation_key and hide_observation_indices are gymnasium"),
+        ("CartPole-v1", {"atari_options": {"frame_skip": 2}}, "which is not an Atari env"),
+        ("ALE/Pong-v5", {"atari_options": {"clip_rewards": True}}, r"atari_options \['clip_rewards'\] have no envpool"),
+    ],
+)
+def test_what_envpool_cannot_do_is_refused_by_name(env_id, options, message):
+    with pytest.raises(ValueError, match=message):
+        describe_env(env_id, backend="envpool", **options)
