@@ -36,7 +36,10 @@ def test_vtrace_benchmark_checks_agreement_and_writes_rows(results_in_tmp):
 
 def test_ceiling_and_collector_benchmarks(results_in_tmp):
     ceiling.main(["--config", CONFIG, "--seconds", "0.5", *SMALL])
-    assert read(results_in_tmp, "ceiling")["num_envs"] == 2 * 4
+    result = read(results_in_tmp, "ceiling")
+    assert [r["backend"] for r in result["backends"]] == ["gymnasium", "envpool"]  # CartPole: both engines
+    assert all(r["num_envs"] == 2 * 4 and r["frames_per_second"] > 0 for r in result["backends"])
+    assert result["best"]["frames_per_second"] == max(r["frames_per_second"] for r in result["backends"])
     collector.main(["--config", CONFIG, "--seconds", "1", "--warmup", "0.5", *SMALL])
     result = read(results_in_tmp, "collector")
     assert result["frames"] > 0 and result["frames"] % (4 * 20) == 0  # whole unrolls of T = 20
@@ -48,3 +51,4 @@ def test_fit_benchmark_measures_a_window(results_in_tmp):
     result = read(results_in_tmp, "fit")
     assert result["fit"]["updates"] >= 1 and 0 <= result["fit"]["learner_wait_fraction"] <= 1
     assert result["fit_over_ceiling"] > 0
+    assert result["ceiling"]["frames_per_second"] == max(c["frames_per_second"] for c in result["ceilings"])
