@@ -44,12 +44,11 @@ def available_backends(env_id: str, env_options: dict) -> list[str]:
 
 def _vector_env(backend: str, env_id: str, env_options: dict, num_envs: int):
     if backend == "envpool":
-        import envpool
-
-        from lit_impala.envs.envpool import envpool_config
+        from lit_impala.envs.envpool import envpool_config, import_envpool
 
         task_id, kwargs, _ = envpool_config(env_id, **env_options)
-        return envpool.make(task_id, env_type="gymnasium", num_envs=num_envs, num_threads=os.cpu_count(), **kwargs)
+        return import_envpool().make(task_id, env_type="gymnasium", num_envs=num_envs, num_threads=os.cpu_count(),
+                                     **kwargs)
     return gym.vector.SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **env_options) for _ in range(num_envs)]
     )

@@ -14,6 +14,7 @@ Atari options map onto envpool's own preprocessing; the differences from ``envs.
 from __future__ import annotations
 
 import difflib
+import os
 import warnings
 from typing import Any
 
@@ -37,19 +38,27 @@ _ATARI_OPTIONS = {
 }
 
 
-def _envpool():
+def import_envpool():
+    """The envpool module (ValueError with the install command when it is missing)."""
+    # envpool 1.2.5's import sets MPLBACKEND=Agg (and MPLCONFIGDIR) in os.environ for the whole process and
+    # every process it starts: a notebook kernel started afterwards would draw nothing inline. Undo that.
+    environment = dict(os.environ)
     try:
         import envpool
     except ImportError as error:
         raise ValueError(
             f'env_backend envpool needs the envpool package: pip install -e ".[envpool]" ({error})'
         ) from error
+    finally:
+        for name in set(os.environ) - set(environment):
+            del os.environ[name]
+        os.environ.update(environment)
     return envpool
 
 
 def envpool_task_id(env_id: str) -> str:
     """envpool's name for a gymnasium id (``ALE/Pong-v5`` -> ``Pong-v5``); ValueError naming it if envpool has none."""
-    envpool = _envpool()
+    envpool = import_envpool()
     task_id = env_id.removeprefix("ALE/")
     known = envpool.list_all_envs()
     if task_id not in known:
@@ -72,7 +81,7 @@ def envpool_config(
         raise ValueError("observation_key and hide_observation_indices are gymnasium-backend options; "
                          "use env_backend gymnasium for them")
     task_id = envpool_task_id(env_id)
-    fields = _envpool().make_spec(task_id).config._fields
+    fields = import_envpool().make_spec(task_id).config._fields
     kwargs: dict[str, Any] = {}
     if max_episode_steps is not None:
         if "max_episode_steps" not in fields:
@@ -103,7 +112,7 @@ def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
     task_id, kwargs, _ = envpool_config(env_id, **options)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
-        env = _envpool().make(task_id, env_type="gymnasium", num_envs=1, **kwargs)
+        env = import_envpool().make(task_id, env_type="gymnasium", num_envs=1, **kwargs)
     try:
         return env.observation_space, env.action_space
     finally:
@@ -201,6 +210,6 @@ def make_envpool_env(env_id: str, num_envs: int, seed: int | None = None, **opti
     # One thread per actor process: the actors are already processes, one per core.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")  # envpool's Box bounds
-        env = _envpool().make(task_id, env_type="gymnasium", num_envs=num_envs, batch_size=num_envs, num_threads=1,
-                              seed=int(np.uint32(seed if seed is not None else 0)) % (2**31 - num_envs), **kwargs)
+        env = import_envpool().make(task_id, env_type="gymnasium", num_envs=num_envs, batch_size=num_envs,
+                                    num_threads=1, seed=int(np.uint32(seed or 0)) % (2**31 - num_envs), **kwargs)
     return EnvpoolEnv(env, report_life_loss=life_loss)

@@ -1,14 +1,31 @@
 """The envpool backend on real envpool envs: the same episode boundaries and keys as the gymnasium backend
 (CartPole's boundary checks run on both in test_envs.py), Atari options mapped, life losses reported."""
 
+import importlib.util
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
-from lit_impala.envs.envpool import envpool_config, make_envpool_env
+from lit_impala.envs.envpool import envpool_config, import_envpool, make_envpool_env
 from lit_impala.envs.factory import describe_env, make_vector_env
 
-envpool = pytest.importorskip("envpool", reason='the envpool extra is not installed: pip install -e ".[envpool]"')
+if importlib.util.find_spec("envpool") is None:
+    pytest.skip('the envpool extra is not installed: pip install -e ".[envpool]"', allow_module_level=True)
+envpool = import_envpool()
+
+
+def test_importing_envpool_leaves_the_environment_of_later_processes_alone():
+    # envpool's own import sets MPLBACKEND=Agg for every process started afterwards (notebook kernels
+    # then draw nothing); import_envpool undoes it. Checked in a fresh interpreter.
+    code = ("import os; before = dict(os.environ); from lit_impala.envs.envpool import import_envpool; "
+            "import_envpool(); print(sorted(k for k in os.environ if before.get(k) != os.environ[k]))")
+    changed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={k: v for k, v in os.environ.items() if not k.startswith("MPL")}).stdout
+    assert changed.strip() == "[]"
 
 
 def test_envpool_alone_would_insert_a_phantom_transition_between_episodes():
