@@ -63,7 +63,7 @@ class ImpalaDataModule(L.LightningDataModule):
         env_id: gymnasium id; observations: a vector or an image; actions: Discrete,
             MultiDiscrete or a 1-D Box. ``"module:EnvId"`` imports ``module`` first (e.g.
             ``minigrid:MiniGrid-Empty-5x5-v0``).
-        num_actors: actor processes, each stepping ``envs_per_actor`` envs with batched inference.
+        num_actors: actor processes, each stepping ``envs_per_actor`` envs.
         envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``, or one envpool).
         unroll_length: T, steps per unroll (the paper's n).
         batch_size: B, unrolls per learner batch.
@@ -100,6 +100,12 @@ class ImpalaDataModule(L.LightningDataModule):
         env_backend: what steps the actors' envs: ``gymnasium`` (``SyncVectorEnv``, any gymnasium id) or
             ``envpool`` (C++ vectorised envs, ``pip install -e ".[envpool]"``: Atari, classic control, MuJoCo;
             the same episode boundaries, see ``envs.envpool``). Evaluation and ``test`` use gymnasium.
+        inference: where the behaviour policy runs for local actors. ``actor`` (default): each actor process
+            has its own CPU copy and acts for its ``envs_per_actor`` envs in one forward. ``server``: actor
+            processes only step envs; one copy in the learner's process acts for all of them in one batched
+            forward on ``inference_device`` (torchrl's ``InferenceServer``, see ``actors.inference``): built
+            for a learner with a GPU, where per-actor CPU copies of a large network are the limit.
+        inference_device: device of the served policy (``inference: server``); None: the learner's device.
         max_actor_restarts: local actors: when an actor process dies (killed, or its env raised), all
             actors are restarted with the current weights and training goes on, this many times in the
             run; then the run stops with an error naming the env and showing the actor's traceback.
@@ -128,12 +134,23 @@ class ImpalaDataModule(L.LightningDataModule):
         remote_backend: str = "gloo",
         slurm_kwargs: dict | None = None,
         remote_node_timeout_s: PositiveFloat = 60.0,
+        inference: Literal["actor", "server"] = "actor",
+        inference_device: str | None = None,
         max_actor_restarts: NonNegativeInt = 3,
     ):
         super().__init__()
         check_arguments(ImpalaDataModule.__init__, locals())
         if actors == "remote" and sync_actors:
             raise ValueError("sync_actors: true is for local actors; remote actors always deliver as they finish")
+        if actors == "remote" and inference == "server":
+            raise ValueError("inference: server is for local actors; remote actors run their own copy of the policy")
+        if inference_device is not None:
+            try:
+                torch.device(inference_device)
+            except RuntimeError as error:
+                raise ValueError(f"inference_device: {inference_device!r} is not a torch device ({error})") from None
+            if inference == "actor":
+                raise ValueError("inference_device is for inference: server (actors always act on their CPU)")
         if actors == "remote" and remote_launcher == "external" and remote_tcp_port is None:
             raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
         self.save_hyperparameters()
@@ -201,7 +218,8 @@ class ImpalaDataModule(L.LightningDataModule):
             )
         else:
             self.actors = LocalActors(hp.env_id, network, network_factory, **common, sync_actors=hp.sync_actors,
-                                      max_restarts=hp.max_actor_restarts)
+                                      max_restarts=hp.max_actor_restarts, inference=hp.inference,
+                                      inference_device=hp.inference_device)
 
     def publish_weights(self, network: nn.Module, version: int) -> None:
         """Make ``network``'s weights (tagged ``version``) the ones actors act with from their next step."""

@@ -1,10 +1,11 @@
 """Actor processes on this machine: torchrl's multi-process collector, weights through a shared-memory
 mailbox, and restarts when an actor dies.
 
-Each actor process steps ``envs_per_actor`` envs (one batched torchrl env) with its own CPU copy of the
-policy and sends ``[envs_per_actor, unroll_length]`` rollouts as it finishes them (``MultiAsyncCollector``;
-``MultiSyncCollector`` when ``sync_actors``). An env that raises leaves its traceback in a file, so that the
-learner can say why an actor died.
+Each actor process steps ``envs_per_actor`` envs (one batched torchrl env) and sends
+``[envs_per_actor, unroll_length]`` rollouts as it finishes them (``MultiAsyncCollector``; ``MultiSyncCollector``
+when ``sync_actors``). Its policy runs either in the actor, a private CPU copy per actor (``inference="actor"``),
+or batched for all actors in the learner's process on ``inference_device`` (``"server"``, ``actors.inference``).
+An env that raises leaves its traceback in a file, so that the learner can say why an actor died.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
 
+import torch
 from tensordict import TensorDictBase
 from torch import nn
 from torchrl.collectors import MultiAsyncCollector, MultiSyncCollector
 from torchrl.weight_update import NoWeightSyncScheme
 
+from lit_impala.actors.inference import InferenceService, make_served_policy
 from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.actors.policy import make_acting_policy
 from lit_impala.envs.factory import actor_seeds, make_vector_env
@@ -45,6 +48,9 @@ class LocalActors:
         env_options: further ``make_vector_env`` options.
         sync_actors: all actors finish a round together (``MultiSyncCollector``), for debugging.
         max_restarts: restarts allowed in the run.
+        inference: ``"actor"``: each actor runs its own CPU copy of the policy, weights through the mailbox;
+            ``"server"``: one copy in this process serves all actors in batches (``actors.inference``).
+        inference_device: where the served copy runs (``"server"`` only); None: ``network``'s device.
     """
 
     lost = 0  # a dead local actor is restarted, never given up on
@@ -64,14 +70,28 @@ class LocalActors:
         env_options: dict | None = None,
         sync_actors: bool = False,
         max_restarts: int = 3,
+        inference: str = "actor",
+        inference_device: str | torch.device | None = None,
     ):
         self.env_id = env_id
         self.restarts = 0
         self.max_restarts = max_restarts
         self._collector = None
-        self.mailbox = WeightMailbox(network)
-        # Before the workers exist: torchrl runs the policy once while building each worker.
-        self.mailbox.publish(network, version)
+        self.mailbox = None
+        self.inference = None
+        if inference == "server":
+            # The served copy starts from `network` and changes only in publish_weights; kept for restarts.
+            self._served = dict(network=network, version=version, num_clients=num_actors,
+                                device=torch.device(inference_device or next(network.parameters()).device))
+            lstm_hidden_dim = network.core.hidden_size if network.use_lstm else 0
+            self._policy_factories = lambda clients: [
+                partial(make_served_policy, client, network.use_lstm, lstm_hidden_dim) for client in clients
+            ]
+        else:
+            self.mailbox = WeightMailbox(network)
+            # Before the workers exist: torchrl runs the policy once while building each worker.
+            self.mailbox.publish(network, version)
+            self._policy_factories = lambda _: partial(make_acting_policy, network_factory, self.mailbox)
         self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
         env_fns = [
             partial(make_vector_env, env_id, envs_per_actor, actor_seed, error_file=self._error_file(i),
@@ -81,7 +101,6 @@ class LocalActors:
         self._make_collector = partial(
             MultiSyncCollector if sync_actors else MultiAsyncCollector,
             env_fns,
-            policy_factory=partial(make_acting_policy, network_factory, self.mailbox),
             frames_per_batch=envs_per_actor * unroll_length,
             total_frames=-1,
             # Weights travel through our mailbox only; see actors/mailbox.py for why.
@@ -97,7 +116,12 @@ class LocalActors:
 
     def _start(self) -> None:
         try:
-            self._collector = self._make_collector()
+            clients = None
+            if self.mailbox is None:
+                # A fresh server and queues for each set of actor processes (see InferenceService).
+                self.inference = InferenceService(**self._served)
+                clients = self.inference.clients
+            self._collector = self._make_collector(policy_factory=self._policy_factories(clients))
         except BaseException:
             self.shutdown()
             raise
@@ -122,7 +146,11 @@ class LocalActors:
                 self._start()
 
     def publish_weights(self, network: nn.Module, version: int) -> None:
-        self.mailbox.publish(network, version)
+        if self.inference is not None:
+            self.inference.publish(network, version)
+            self._served.update(network=self.inference.model.network, version=version)  # what a restart serves
+        else:
+            self.mailbox.publish(network, version)
 
     def shutdown(self) -> None:
         """Stop the actor processes and free the mailbox; safe to call more than once."""
@@ -141,6 +169,9 @@ class LocalActors:
                 collector.shutdown()
             except Exception as error:  # never let a failed shutdown hide the original error
                 log.warning("collector shutdown raised %r", error)
+        inference, self.inference = self.inference, None
+        if inference is not None:
+            inference.shutdown()
 
     def _error_file(self, actor: int) -> str:
         return os.path.join(self._error_dir, f"actor{actor}.traceback")

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from tensordict import TensorDictBase
@@ -95,18 +96,39 @@ class ActingPolicy(TensorDictModuleBase):
             tensordict.set(CORE_STATE_KEYS[0], core_state[0])
             tensordict.set(CORE_STATE_KEYS[1], core_state[1])
 
-        output = self.network(observation.unsqueeze(0), core_state, is_init.unsqueeze(0))  # T = 1
-        params = output.policy_params[0]
-        distribution = self.network.distribution
-        sample = distribution.sample(params)
-        if output.core_states is not None:
-            self._core_state = (output.core_states[0][0], output.core_states[1][0])
-
-        tensordict.set(ACTION_KEY, distribution.to_env_action(sample))
-        tensordict.set(POLICY_SAMPLE_KEY, sample)
-        tensordict.set(BEHAVIOUR_LOG_PROB_KEY, distribution.log_prob(params, sample))
+        step = act(self.network, observation, is_init, core_state)
+        self._core_state = step.next_core_state
+        tensordict.set(ACTION_KEY, step.action)
+        tensordict.set(POLICY_SAMPLE_KEY, step.sample)
+        tensordict.set(BEHAVIOUR_LOG_PROB_KEY, step.log_prob)
         tensordict.set(POLICY_VERSION_KEY, torch.full((num_envs,), self._version, dtype=torch.int64))
         return tensordict
+
+
+class ActingStep(NamedTuple):
+    """What a behaviour policy produced for N envs in one step."""
+
+    action: torch.Tensor  # [N, *action]: what the envs receive
+    sample: torch.Tensor  # [N, *sample]: what the distribution drew
+    log_prob: torch.Tensor  # [N]: log mu(sample | observation)
+    next_core_state: tuple[torch.Tensor, torch.Tensor] | None  # [N, H] each, LSTM only
+
+
+@torch.no_grad()
+def act(network: nn.Module, observation: torch.Tensor, is_init: torch.Tensor,
+        core_state: tuple[torch.Tensor, torch.Tensor] | None) -> ActingStep:
+    """One behaviour step of ``network`` for N envs: ``observation [N, *obs]``, ``is_init [N]`` (bool),
+    ``core_state`` the LSTM state carried into the step (``[N, H]`` each; None without LSTM). Shared by
+    per-actor inference (``ActingPolicy``) and the batched server (``actors.inference``)."""
+    output = network(observation.unsqueeze(0), core_state, is_init.unsqueeze(0))  # T = 1
+    params = output.policy_params[0]
+    distribution = network.distribution
+    sample = distribution.sample(params)
+    next_core_state = None
+    if output.core_states is not None:
+        next_core_state = (output.core_states[0][0], output.core_states[1][0])
+    return ActingStep(distribution.to_env_action(sample), sample, distribution.log_prob(params, sample),
+                      next_core_state)
 
 
 def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
@@ -115,9 +137,8 @@ def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
     os._exit(1)  # the learner is gone: nobody will read what this actor produces
 
 
-def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
-    """Policy factory run inside each actor process: a fresh network that takes its weights from
-    ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
+def prepare_actor_process() -> None:
+    """Run first in each actor process: Ctrl-C is the learner's to handle, and an orphaned actor exits."""
     parent = multiprocessing.parent_process()
     if parent is not None:
         # Ctrl-C reaches the whole process group; the learner owns the actors and shuts them down
@@ -125,4 +146,10 @@ def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: Weight
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         # A learner killed with SIGKILL cannot shut anything down: the actor notices it is orphaned.
         threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True, name="orphan-watch").start()
+
+
+def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:
+    """Policy factory run inside each actor process: a fresh network that takes its weights from
+    ``mailbox`` before its first step (module-level, so torchrl can pickle it into workers)."""
+    prepare_actor_process()
     return ActingPolicy(network_factory(), mailbox)

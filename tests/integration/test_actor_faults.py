@@ -41,13 +41,15 @@ def run_args(tmp_path, *extra, callbacks=()):
             "--data.envs_per_actor=8", *extra]
 
 
-def test_a_killed_actor_is_restarted_and_training_goes_on(tmp_path, monkeypatch, caplog):
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_a_killed_actor_is_restarted_and_training_goes_on(tmp_path, monkeypatch, caplog, inference):
     monkeypatch.chdir(tmp_path)
     KillOneActor.killed_pid = None
     cli = cli_main(
         run_args(
             tmp_path,
             "--trainer.max_steps=25",
+            f"--data.inference={inference}",
             callbacks=[{"class_path": "tests.integration.test_actor_faults.KillOneActor", "init_args": {"at_step": 5}}],
         )
     )

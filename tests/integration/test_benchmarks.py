@@ -51,4 +51,7 @@ def test_fit_benchmark_measures_a_window(results_in_tmp):
     result = read(results_in_tmp, "fit")
     assert result["fit"]["updates"] >= 1 and 0 <= result["fit"]["learner_wait_fraction"] <= 1
     assert result["fit_over_ceiling"] > 0
+    assert set(result["fits"]) == {"actor", "server"}  # both inference modes, in one run
+    assert all(fit["updates"] >= 1 for fit in result["fits"].values())
+    assert {fit["inference"] for fit in result["fits"].values()} == {"actor", "server"}
     assert result["ceiling"]["frames_per_second"] == max(c["frames_per_second"] for c in result["ceilings"])

@@ -121,6 +121,9 @@ BAD_INPUTS = [
     # settings that contradict each other
     ("--data.actors=remote --trainer.accelerator=cpu --trainer.devices=2 --trainer.strategy=ddp",
      "data.actors remote needs a single learner process, got 2"),
+    ("--data.actors=remote --data.inference=server", "inference: server is for local actors"),
+    ("--data.inference=server --data.inference_device=gpu0", "inference_device: 'gpu0' is not a torch device"),
+    ("--data.inference=gpu", "data.inference: expected one of 'actor', 'server', got 'gpu'"),
     # checkpoints
     ("--ckpt_path=CORRUPT", "cannot be read"),
     ("--ckpt_path=OTHER_ENV", "was written for a different env or network"),

@@ -89,7 +89,8 @@ def test_a_few_nonfinite_updates_are_skipped_and_counted(tmp_path):
     assert not spawned_children()
 
 
-def test_actors_exit_when_the_learner_is_killed(tmp_path):
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_actors_exit_when_the_learner_is_killed(tmp_path, inference):
     """SIGKILL leaves the learner no chance to shut its actors down: they must notice by themselves."""
     import signal
     import subprocess
@@ -109,6 +110,7 @@ def test_actors_exit_when_the_learner_is_killed(tmp_path):
         "--trainer.callbacks=null",
         "--episode_stats.stop_at_return=null",
         "--data.envs_per_actor=8",
+        f"--data.inference={inference}",
     ]
     process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -1,11 +1,14 @@
 """Real learning: IMPALA solves CartPole-v1 to a mean return of 195 on 2 CPU cores."""
 
+import pytest
+
 from lit_impala.callbacks import EpisodeStats
 from lit_impala.cli import cli_main
 from tests.conftest import REPO
 
 
-def test_cartpole_reaches_195(tmp_path, monkeypatch):
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_cartpole_reaches_195(tmp_path, monkeypatch, inference):
     monkeypatch.chdir(tmp_path)
     cli = cli_main([
         "fit", "--config", str(REPO / "configs" / "cartpole.yaml"),
@@ -13,6 +16,7 @@ def test_cartpole_reaches_195(tmp_path, monkeypatch):
         "--trainer.callbacks=null",
         "--trainer.max_steps=1500",  # budget: 960K frames; it usually stops near 200K
         "--episode_stats.stop_at_return=195",
+        f"--data.inference={inference}",
     ])
     stats = EpisodeStats.of(cli.trainer)
     assert len(stats.episode_returns) == 100

@@ -1,5 +1,8 @@
 """Acting and learning agree: with equal weights the learner's log-probs are the actors' (rho == 1).
 
+Each test runs with both inference modes: the policy in each actor process (``inference="actor"``) and one
+batched policy in this process serving all actors (``inference="server"``, ``actors.inference``).
+
 Data comes from real actor processes on real envs with short time limits, so unrolls contain
 terminations, truncations and episode starts; the recurrent state must be carried and reset the same
 way on both sides, and continuous log-probs must be of the same distribution on both sides.
@@ -41,13 +44,18 @@ def learner_log_probs(network, trajectory, core_state="stored"):
     return network.distribution.log_prob(output.policy_params, trajectory.action)
 
 
+INFERENCE = pytest.mark.parametrize("inference", ["actor", "server"])
+
+
+@INFERENCE
 @pytest.mark.parametrize("hidden", [[1, 3], None], ids=["pomdp", "full-observation"])
-def test_recurrent_policy_is_on_policy(hidden):
+def test_recurrent_policy_is_on_policy(hidden, inference):
     network, batches = on_policy_batches(
         "CartPole-v1",
         dict(use_lstm=True, lstm_hidden_dim=32, policy_init_scale=3.0),  # a sharp policy: mismatches show
         max_episode_steps=9,
         hide_observation_indices=hidden,
+        inference=inference,
     )
     boundaries_inside = 0
     for trajectory in batches:
@@ -70,10 +78,12 @@ def test_recurrent_policy_is_on_policy(hidden):
     assert max(mismatches) > 1e-3
 
 
+@INFERENCE
 @pytest.mark.parametrize("squash", ["clip", "tanh"])
-def test_continuous_policy_is_on_policy(squash):
+def test_continuous_policy_is_on_policy(squash, inference):
     network, batches = on_policy_batches(
-        "Pendulum-v1", dict(squash=squash, log_std_init=0.5, policy_init_scale=1.0), max_episode_steps=7
+        "Pendulum-v1", dict(squash=squash, log_std_init=0.5, policy_init_scale=1.0), max_episode_steps=7,
+        inference=inference,
     )
     for trajectory in batches:
         assert trajectory.action.shape[-1] == 1 and trajectory.action.dtype == torch.float32
@@ -85,7 +95,8 @@ def test_continuous_policy_is_on_policy(squash):
     assert (samples.abs() > 2).any()  # the Gaussian sample itself is unbounded: log-probs are of it
 
 
-def test_multi_actor_pixel_policy_is_on_policy():
+@INFERENCE
+def test_multi_actor_pixel_policy_is_on_policy(inference):
     pytest.importorskip("minigrid", reason="the minigrid extra provides the image env")
     network, batches = on_policy_batches(
         "minigrid:MiniGrid-Empty-5x5-v0",
@@ -93,6 +104,7 @@ def test_multi_actor_pixel_policy_is_on_policy():
         num_batches=3,
         observation_key="image",
         max_episode_steps=8,
+        inference=inference,
     )
     for trajectory in batches:
         assert trajectory.observation.dtype == torch.uint8  # pixels travel as uint8

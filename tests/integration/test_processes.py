@@ -55,9 +55,11 @@ def assert_all_gone(pids, within_s=10.0):
     pytest.fail(f"processes left alive: {[psutil.Process(p).cmdline() for p in alive if psutil.pid_exists(p)]}")
 
 
-def test_no_actor_left_after_a_normal_run(tmp_path):
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_no_actor_left_after_a_normal_run(tmp_path, inference):
     code, output, seen, _ = run_and_watch(
-        [sys.executable, "-m", "lit_impala", *BASE_ARGS, "--trainer.max_steps=40"], tmp_path
+        [sys.executable, "-m", "lit_impala", *BASE_ARGS, "--trainer.max_steps=40", f"--data.inference={inference}"],
+        tmp_path,
     )
     assert code == 0, output
     assert len(seen) >= 2, "the actors should have been seen running"
@@ -89,9 +91,12 @@ def test_no_actor_left_after_an_error_in_training_step(tmp_path):
     assert_all_gone(seen)
 
 
-def test_no_actor_left_after_ctrl_c(tmp_path):
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_no_actor_left_after_ctrl_c(tmp_path, inference):
     code, output, seen, exit_s = run_and_watch(
-        [sys.executable, "-m", "lit_impala", *BASE_ARGS, "--trainer.max_steps=1000000"], tmp_path, interrupt_after_s=8
+        [sys.executable, "-m", "lit_impala", *BASE_ARGS, "--trainer.max_steps=1000000",
+         f"--data.inference={inference}"],
+        tmp_path, interrupt_after_s=8,
     )
     assert exit_s is not None and exit_s < 15, f"took {exit_s} s to stop after SIGINT:\n{output}"
     assert code != 0

@@ -3,6 +3,7 @@
 import multiprocessing as mp
 from functools import partial
 
+import pytest
 import torch
 
 from lit_impala.actors.mailbox import WeightMailbox
@@ -52,8 +53,10 @@ def test_reader_skips_stale_and_in_progress_snapshots():
         mailbox.close()
 
 
-def test_actors_act_with_published_versions_only():
-    data = ImpalaDataModule("CartPole-v1", num_actors=2, envs_per_actor=4, unroll_length=10, batch_size=4, seed=0)
+@pytest.mark.parametrize("inference", ["actor", "server"])
+def test_actors_act_with_published_versions_only(inference):
+    data = ImpalaDataModule("CartPole-v1", num_actors=2, envs_per_actor=4, unroll_length=10, batch_size=4, seed=0,
+                            inference=inference)
     learner = ActorCriticMLP(4, 2)
     data.start_actors(learner, partial(ActorCriticMLP, 4, 2), version=0)
     try:
