@@ -37,6 +37,7 @@ class EpisodeStats(L.Callback):
     Logged every ``trainer.log_every_n_steps`` updates and at the last one, whatever ended the run:
     ``env_frames``, ``frames_per_second``, ``updates_per_second``, ``time/data_wait_fraction``,
     ``episode/return`` and ``episode/length`` (once an episode has finished; sums over DDP ranks),
+    ``time/train_s`` (wall seconds since this process's first update began, for curves against wall time),
     their histograms (this rank's episodes), ``actor_restarts`` and ``actors_lost``; ``frames``, ``fps``
     and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets ``trainer.should_stop``,
     so that Lightning writes the last update's row to the loggers.
@@ -58,6 +59,7 @@ class EpisodeStats(L.Callback):
         self.progress: Progress | None = None  # over all ranks, as of the last update
         self._clock: tuple[float, float, int, float] | None = None  # (time, frames, step, waited) at the last log
         self._batch_end_time: float | None = None
+        self._train_start: float | None = None  # when this process asked for its first batch
         self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
 
     @staticmethod
@@ -71,6 +73,9 @@ class EpisodeStats(L.Callback):
         return sum(self.episode_returns) / len(self.episode_returns) if self.episode_returns else math.nan
 
     # --- hooks ---
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._train_start = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Lightning fetched this batch just before: the gap since the last update is data wait.
@@ -110,6 +115,8 @@ class EpisodeStats(L.Callback):
             "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
             "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
         }
+        if self._train_start is not None:
+            metrics["time/train_s"] = now - self._train_start
         if self._clock is not None and now > self._clock[0]:
             then, frames, step, waited = self._clock
             metrics["frames_per_second"] = (progress.env_frames - frames) / (now - then)

@@ -80,6 +80,9 @@ def test_no_return_before_an_episode_ends_and_the_last_update_is_logged(tmp_path
         assert not any(row.get(key) for row in rows), f"{key} logged before any episode finished"
     last = next(row for row in rows if row.get("env_frames") and int(row["step"]) == 12)
     assert float(last["env_frames"]) == 13 * 8 * 20 and last["loss/total"], last
+    # wall seconds of training, for curves against time (benchmarks.learning): rising from the first row
+    seconds = [float(row["time/train_s"]) for row in rows if row.get("time/train_s")]
+    assert len(seconds) == 3 and 0 < seconds[0] < seconds[1] < seconds[2] < 600, seconds
 
 
 @pytest.mark.slow
