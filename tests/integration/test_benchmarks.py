@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks import ceiling, collector, fit, vtrace
+from benchmarks import ceiling, collector, fit, learning, vtrace
 from benchmarks.common import RESULTS_DIR_VARIABLE
 from tests.conftest import REPO
 
@@ -55,3 +55,27 @@ def test_fit_benchmark_measures_a_window(results_in_tmp):
     assert all(fit["updates"] >= 1 for fit in result["fits"].values())
     assert {fit["inference"] for fit in result["fits"].values()} == {"actor", "server"}
     assert result["ceiling"]["frames_per_second"] == max(c["frames_per_second"] for c in result["ceilings"])
+
+
+def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_path):
+    """A tiny budget of the real thing: one seed of the shipped CartPole config in its own process."""
+    import matplotlib.image
+
+    result = learning.main(["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme"])
+    png = results_in_tmp / "learning" / "cartpole.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = matplotlib.image.imread(png).shape  # a PNG matplotlib can read back
+    assert width > 300 and height > 100
+    assert png.stat().st_size < 200_000  # small enough to commit
+    curves = json.loads((results_in_tmp / "learning" / "cartpole.json").read_text())
+    (curve,) = curves["curves"]
+    assert len(curve["return"]) >= 2 and curve["env_frames"] == sorted(curve["env_frames"])
+    assert 0 < curve["env_frames"][-1] <= 40000 + 640 and all(s > 0 for s in curve["train_seconds"])
+    row = read(results_in_tmp, "learning")["rows"][0]
+    assert row == result["rows"][0] and row["task"] == "cartpole" and row["seeds"] == 1
+    assert row["final_return_mean"] == curve["return"][-1] > 0
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
+    assert learning.update_readme(result["table_markdown"], readme)
+    text = readme.read_text()
+    assert "old" not in text and "| cartpole | 1 |" in text and text.startswith("before") and text.endswith("after\n")
