@@ -11,8 +11,9 @@ writes back what ``ActingPolicy`` writes. So unrolls are assembled exactly as wi
 
 Why not torchrl's ``AsyncBatchedCollector`` (which pairs the same server with env workers): it yields a flat
 stream of single transitions from whichever env was ready (``env_index`` tagged), not ``[N, T]`` unrolls per
-env, with nothing that regroups them; an LSTM state must ride in the env through a ``TensorDictPrimer``; and its weight update through ``policy=`` shares the learner's module, so
-an optimizer step the learner has not published would reach the acting policy mid-unroll. Here the server
+env, with nothing that regroups them; an LSTM state must ride in the env through a ``TensorDictPrimer``; and
+its weight update through ``policy=`` shares the learner's module, so an optimizer step the learner has not
+published would reach the acting policy mid-unroll. Here the server
 owns a private copy that changes only in ``publish`` (under the server's model lock, between two batches),
 and the version it acts with is written next to every action in the same locked forward.
 """
