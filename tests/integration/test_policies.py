@@ -47,8 +47,8 @@ def learner_log_probs(network, trajectory, core_state="stored"):
 INFERENCE = pytest.mark.parametrize("inference", ["actor", "server"])
 
 
-@INFERENCE
-@pytest.mark.parametrize("hidden", [[1, 3], None], ids=["pomdp", "full-observation"])
+@pytest.mark.parametrize(("hidden", "inference"), [([1, 3], "actor"), ([1, 3], "server"), (None, "actor")],
+                         ids=["pomdp-actor", "pomdp-server", "full-observation-actor"])
 def test_recurrent_policy_is_on_policy(hidden, inference):
     network, batches = on_policy_batches(
         "CartPole-v1",
@@ -78,8 +78,8 @@ def test_recurrent_policy_is_on_policy(hidden, inference):
     assert max(mismatches) > 1e-3
 
 
-@INFERENCE
-@pytest.mark.parametrize("squash", ["clip", "tanh"])
+@pytest.mark.parametrize(("squash", "inference"), [("clip", "actor"), ("clip", "server"), ("tanh", "actor")],
+                         ids=["clip-actor", "clip-server", "tanh-actor"])
 def test_continuous_policy_is_on_policy(squash, inference):
     network, batches = on_policy_batches(
         "Pendulum-v1", dict(squash=squash, log_std_init=0.5, policy_init_scale=1.0), max_episode_steps=7,
