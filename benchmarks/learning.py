@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,6 +71,9 @@ TASKS: dict[str, Task] = {
         for game in MINATAR_GAMES
     },
 }
+TASKS["halfcheetah"] = Task("configs/mujoco.yaml", 5e6, 2, 1500.0, overrides=("--data.env_backend=envpool",))
+TASKS["hopper"] = Task("configs/mujoco.yaml", 5e6, 2,
+                       overrides=("--data.env_id=Hopper-v5", "--data.env_backend=envpool"))
 # Published results next to ours (value, at what budget, source); tasks without one have none verified yet.
 TASKS["minatar_breakout"] = Task(
     "configs/minatar.yaml", 5e6, 2, 15.0,
@@ -137,7 +141,8 @@ def band(curves: list[dict], x_key: str, points: int = 200) -> tuple[np.ndarray,
     end = min(max(c[x_key]) for c in curves)
     grid = np.linspace(0, end, points)
     values = np.stack([np.interp(grid, c[x_key], c["return"], left=np.nan) for c in curves])
-    with np.errstate(all="ignore"):
+    with warnings.catch_warnings():  # grid points before a seed's first logged return are NaN: left blank
+        warnings.simplefilter("ignore", RuntimeWarning)
         return grid, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 

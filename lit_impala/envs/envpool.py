@@ -107,6 +107,13 @@ def envpool_config(
     return task_id, kwargs, life_loss
 
 
+def _float32_actions(space: gym.Space) -> gym.Space:
+    # envpool declares MuJoCo's continuous actions float64; gymnasium (and so evaluation) float32.
+    if isinstance(space, gym.spaces.Box) and space.dtype == np.float64:
+        return gym.spaces.Box(space.low.astype(np.float32), space.high.astype(np.float32), dtype=np.float32)
+    return space
+
+
 def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
     """Observation and action spaces of one envpool env (what ``describe_env`` checks)."""
     task_id, kwargs, _ = envpool_config(env_id, **options)
@@ -114,7 +121,7 @@ def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
         warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
         env = import_envpool().make(task_id, env_type="gymnasium", num_envs=1, **kwargs)
     try:
-        return env.observation_space, env.action_space
+        return env.observation_space, _float32_actions(env.action_space)
     finally:
         env.close()
 
@@ -136,7 +143,8 @@ class EnvpoolEnv(EnvBase):
         self._lives: torch.Tensor | None = None
         self._observation = None
         with set_gym_backend("gymnasium"):
-            action_spec = _gym_to_torchrl_spec_transform(env.action_space, categorical_action_encoding=True)
+            action_spec = _gym_to_torchrl_spec_transform(_float32_actions(env.action_space),
+                                                         categorical_action_encoding=True)
             observation_spec = _gym_to_torchrl_spec_transform(env.observation_space)
         self.action_spec = action_spec.expand(num_envs, *action_spec.shape)
         self.observation_spec = Composite(observation=observation_spec.expand(num_envs, *observation_spec.shape),

@@ -42,14 +42,25 @@ def test_envpool_alone_would_insert_a_phantom_transition_between_episodes():
     assert rewards[-1] == 0.0  # the step after the end: a reset, not a CartPole step (which pays 1)
 
 
-def test_the_same_keys_shapes_and_dtypes_as_the_gymnasium_backend():
-    gymnasium_env = make_vector_env("CartPole-v1", 4, seed=0)
-    envpool_env = make_vector_env("CartPole-v1", 4, seed=0, backend="envpool")
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "HalfCheetah-v5"])
+def test_the_same_keys_shapes_and_dtypes_as_the_gymnasium_backend(env_id):
+    if env_id == "HalfCheetah-v5":
+        pytest.importorskip("mujoco", reason="the mujoco extra provides gymnasium's HalfCheetah")
+        # envpool declares MuJoCo actions float64, gymnasium float32: the backend hands out float32 like gymnasium
+        assert describe_env(env_id, backend="envpool") == describe_env(env_id)
+    gymnasium_env = make_vector_env(env_id, 4, seed=0)
+    envpool_env = make_vector_env(env_id, 4, seed=0, backend="envpool")
     for spec in ("full_observation_spec", "full_action_spec", "full_reward_spec", "full_done_spec"):
         ours, theirs = getattr(envpool_env, spec), getattr(gymnasium_env, spec)
         assert sorted(ours.keys(True, True)) == sorted(theirs.keys(True, True)), spec
         for key in theirs.keys(True, True):
             assert (ours[key].shape, ours[key].dtype) == (theirs[key].shape, theirs[key].dtype), (spec, key)
+    if env_id == "HalfCheetah-v5":
+        rollout = envpool_env.rollout(20, break_when_any_done=False)
+        assert rollout["action"].dtype == torch.float32 and rollout["next", "observation"].shape == (4, 20, 17)
+        gymnasium_env.close()
+        envpool_env.close()
+        return
     torch.manual_seed(0)
     rollout = envpool_env.rollout(300, break_when_any_done=False)
     assert rollout.shape == (4, 300) and (rollout["next", "reward"] == 1).all()
