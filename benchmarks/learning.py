@@ -192,8 +192,10 @@ def summarize(name: str, task: Task, curves: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
+    """The summary table, then each task's plot (README.md shows both)."""
     def fmt_list(values, scale, unit):
-        return " / ".join("not reached" if v is None else f"{v / scale:.2f}{unit}" for v in values)
+        return " / ".join("not reached" if v is None else f"{v / scale:.{2 if scale > 1 else 1}f}{unit}"
+                          for v in values)
 
     lines = ["| task | seeds | frames | final return (mean; per seed) | target | frames to target | "
              "wall s to target | published reference |", "|---|---|---|---|---|---|---|---|"]
@@ -206,11 +208,13 @@ def markdown_table(rows: list[dict]) -> str:
             + f" | {target} | "
             + ("-" if row["target"] is None else fmt_list(row["frames_to_target_per_seed"], 1e6, "M"))
             + " | "
-            + ("-" if row["target"] is None else fmt_list(row["seconds_to_target_per_seed"], 1, ""))
+            + ("-" if row["target"] is None else fmt_list(row["seconds_to_target_per_seed"], 1, " s"))
             + " | "
             + ("-" if ref is None else f"{ref['value']:g} at {ref['frames'] / 1e6:g}M frames: {ref['source']}")
             + " |"
         )
+    lines.append("")
+    lines += [f"![{row['task']}](benchmarks/results/learning/{row['task']}.png)" for row in rows]
     return "\n".join(lines)
 
 
