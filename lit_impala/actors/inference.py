@@ -13,9 +13,9 @@ Why not torchrl's ``AsyncBatchedCollector`` (which pairs the same server with en
 stream of single transitions from whichever env was ready (``env_index`` tagged), not ``[N, T]`` unrolls per
 env, with nothing that regroups them; an LSTM state must ride in the env through a ``TensorDictPrimer``; and
 its weight update through ``policy=`` shares the learner's module, so an optimizer step the learner has not
-published would reach the acting policy mid-unroll. Here the server
-owns a private copy that changes only in ``publish`` (under the server's model lock, between two batches),
-and the version it acts with is written next to every action in the same locked forward.
+published would reach the acting policy mid-unroll. Here the server owns a private copy that changes only in
+``publish`` (under the server's model lock, between two batches), and the version it acts with is written next
+to every action in the same locked forward.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from torch import nn
 from torchrl.modules.inference_server import InferenceServer
 
 from lit_impala.actors.inference_transport import SocketClient, SocketTransport
-from lit_impala.actors.policy import ActingPolicy, act, prepare_actor_process
+from lit_impala.actors.policy import ActingPolicy, act, prepare_actor_process, step_inputs
 from lit_impala.schema import (
     ACTION_KEY,
     BEHAVIOUR_LOG_PROB_KEY,
@@ -111,9 +111,6 @@ class InferenceService:
         """Serve ``network``'s weights tagged ``version`` from the next batch on (never during one)."""
         self.server.update_model(lambda served: served.load(network, version), mark_weight_update=False)
 
-    def stats(self) -> dict:
-        return self.server.stats()
-
     def shutdown(self) -> None:
         self.server.shutdown()
         self.transport.close()
@@ -135,10 +132,8 @@ class ServedPolicy(TensorDictModuleBase):
 
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
-        observation = tensordict.get(OBSERVATION_KEY)
+        observation, is_init = step_inputs(tensordict)
         num_envs = observation.shape[0]
-        is_init = tensordict.get(IS_INIT_KEY, None)
-        is_init = torch.ones(num_envs, dtype=torch.bool) if is_init is None else is_init.reshape(num_envs)
         request = TensorDict({OBSERVATION_KEY: observation, IS_INIT_KEY: is_init}, batch_size=[num_envs])
         if self.use_lstm:
             if self._core_state is None or self._core_state[0].shape[0] != num_envs:

@@ -83,10 +83,8 @@ class ActingPolicy(TensorDictModuleBase):
     @torch.no_grad()
     def forward(self, tensordict: TensorDictBase) -> TensorDictBase:
         self._refresh_weights()
-        observation = tensordict.get(OBSERVATION_KEY)
+        observation, is_init = step_inputs(tensordict)
         num_envs = observation.shape[0]
-        is_init = tensordict.get(IS_INIT_KEY, None)
-        is_init = torch.ones(num_envs, dtype=torch.bool) if is_init is None else is_init.reshape(num_envs)
 
         core_state = None
         if self.network.use_lstm:
@@ -103,6 +101,14 @@ class ActingPolicy(TensorDictModuleBase):
         tensordict.set(BEHAVIOUR_LOG_PROB_KEY, step.log_prob)
         tensordict.set(POLICY_VERSION_KEY, torch.full((num_envs,), self._version, dtype=torch.int64))
         return tensordict
+
+
+def step_inputs(tensordict: TensorDictBase) -> tuple[torch.Tensor, torch.Tensor]:
+    """``observation [N, *obs]`` and ``is_init [N]`` (bool; all True when the env has no InitTracker yet)."""
+    observation = tensordict.get(OBSERVATION_KEY)
+    num_envs = observation.shape[0]
+    is_init = tensordict.get(IS_INIT_KEY, None)
+    return observation, torch.ones(num_envs, dtype=torch.bool) if is_init is None else is_init.reshape(num_envs)
 
 
 class ActingStep(NamedTuple):
