@@ -5,7 +5,7 @@ a scratch directory so its checkpoints and videos stay out of the repository), o
 CSV; the logged history is read back and written per task as
 
 * ``results/learning/<task>.png``: mean and min/max band over seeds, return vs env frames and vs wall seconds,
-  with the task's target and the published reference drawn in;
+  with the task's target and the published references drawn in;
 * ``results/learning/<task>.json``: every seed's curve, and the summary row;
 
 and the summary table (final mean return over the last 100 episodes; frames and wall seconds to the target, per
@@ -14,6 +14,7 @@ seed) is printed, written to ``results/learning.json``, and put into README.md b
 
     python -m benchmarks.learning --tasks cartpole,pendulum            # each task's own budget and seeds
     python -m benchmarks.learning --tasks cartpole --frames 50000 --seeds 1   # a smoke run
+    python -m benchmarks.learning --replot                              # redraw all from the saved curves
 """
 
 from __future__ import annotations
@@ -42,8 +43,9 @@ TABLE_START, TABLE_END = "<!-- learning-table -->", "<!-- /learning-table -->"
 
 @dataclass(frozen=True)
 class Reference:
-    """A published result to put next to ours: the value, at what budget, and where it comes from."""
+    """A published result to put next to ours: who, the value, at what budget, and where it is printed."""
 
+    name: str
     value: float
     frames: float
     source: str
@@ -55,50 +57,75 @@ class Task:
     frames: float  # env frames per seed (agent steps; MinAtar has no frame skip)
     seeds: int
     target: float | None = None
-    reference: Reference | None = None
+    references: tuple[Reference, ...] = ()
     overrides: tuple[str, ...] = field(default_factory=tuple)
 
 
-MINATAR_GAMES = ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders")
+# Published results next to ours: the algorithm, the budget and where the number is printed (the MinAtar paper has
+# figures only: its values are read off the figure, to the nearest unit or half unit).
+CLEANRL_PPO = "CleanRL ppo.py, CartPole-v1, 3 seeds (vwxyzjn/cleanrl, docs/rl-algorithms/ppo.md)"
+ZOO = "rl-baselines3-zoo benchmark.md (DLR-RM/rl-baselines3-zoo), one run, deterministic evaluation"
+CLEANRL_MUJOCO = ("CleanRL ppo_continuous_action.py, {env}-v4, 3 seeds, 10 epochs over each batch "
+                  "(vwxyzjn/cleanrl, docs/benchmark/ppo_continuous_action.md)")
+MINATAR_FIGURE = ("Young & Tian 2019 (MinAtar), kenjyoung/MinAtar README, img/learning_curves.gif, read off the "
+                  "figure at 5M frames: mean of 30 runs, sticky actions 0.1, full 6-action set")
+MINATAR_PAPER = {  # game: (DQN, AC(lambda=0.8)) at 5M frames
+    "Asterix": (17.0, 19.0), "Breakout": (10.0, 17.5), "Freeway": (50.0, 47.0), "Seaquest": (20.0, 15.5),
+    "SpaceInvaders": (43.0, 185.0),
+}
+MINATAR_GAMES = tuple(MINATAR_PAPER)
+MINATAR_TARGETS = {"Breakout": 15.0}  # the target of the issue that added MinAtar
+
+
+def minatar_references(game: str) -> tuple[Reference, ...]:
+    dqn, actor_critic = MINATAR_PAPER[game]
+    return Reference("DQN", dqn, 5e6, MINATAR_FIGURE), Reference("AC(0.8)", actor_critic, 5e6, MINATAR_FIGURE)
+
 
 TASKS: dict[str, Task] = {
-    "cartpole": Task("configs/cartpole.yaml", 1.28e6, 3, 475.0),
-    "pendulum": Task("configs/pendulum.yaml", 2e6, 3, -200.0),
-    "cartpole_pomdp_lstm": Task("configs/cartpole_pomdp.yaml", 1.92e6, 3, 400.0),
-    "cartpole_pomdp_mlp": Task("configs/cartpole_pomdp.yaml", 1.92e6, 3, 400.0, overrides=("--model.use_lstm=false",)),
+    "cartpole": Task("configs/cartpole.yaml", 1.28e6, 3, 475.0, (Reference("PPO", 490.04, 5e5, CLEANRL_PPO),)),
+    "pendulum": Task("configs/pendulum.yaml", 2e6, 3, -200.0,
+                     (Reference("PPO, gSDE", -172.2, 1e5, f"{ZOO}, Pendulum-v1"),
+                      Reference("A2C, gSDE", -163.0, 1e6, f"{ZOO}, Pendulum-v1"))),
+    "cartpole_pomdp_lstm": Task("configs/cartpole_pomdp.yaml", 1.92e6, 3, 400.0,
+                                (Reference("RecurrentPPO", 500.0, 1e5, f"{ZOO}, CartPoleNoVel-v1"),)),
+    "cartpole_pomdp_mlp": Task("configs/cartpole_pomdp.yaml", 1.92e6, 3, 400.0,
+                               (Reference("RecurrentPPO", 500.0, 1e5, f"{ZOO}, CartPoleNoVel-v1"),),
+                               ("--model.use_lstm=false",)),
     **{
-        f"minatar_{game.lower()}": Task("configs/minatar.yaml", 5e6, 2, overrides=(f"--data.env_id=MinAtar/{game}-v1",))
+        f"minatar_{game.lower()}": Task("configs/minatar.yaml", 5e6, 2, MINATAR_TARGETS.get(game),
+                                        minatar_references(game), (f"--data.env_id=MinAtar/{game}-v1",))
         for game in MINATAR_GAMES
     },
+    "halfcheetah": Task("configs/mujoco.yaml", 5e6, 2, 1500.0,
+                        (Reference("PPO", 1442.6, 1e6, CLEANRL_MUJOCO.format(env="HalfCheetah")),),
+                        ("--data.env_backend=envpool",)),
+    "hopper": Task("configs/mujoco.yaml", 5e6, 2, None,
+                   (Reference("PPO", 2382.9, 1e6, CLEANRL_MUJOCO.format(env="Hopper")),),
+                   ("--data.env_id=Hopper-v5", "--data.env_backend=envpool")),
 }
-TASKS["halfcheetah"] = Task("configs/mujoco.yaml", 5e6, 2, 1500.0, overrides=("--data.env_backend=envpool",))
-TASKS["hopper"] = Task("configs/mujoco.yaml", 5e6, 2,
-                       overrides=("--data.env_id=Hopper-v5", "--data.env_backend=envpool"))
-# Published results next to ours (value, at what budget, source); tasks without one have none verified yet.
-TASKS["minatar_breakout"] = Task(
-    "configs/minatar.yaml", 5e6, 2, 15.0,
-    Reference(28.0, 10e6, "gymnax README: PPO on Breakout-MinAtar after 10M steps, no sticky actions"),
-    ("--data.env_id=MinAtar/Breakout-v1",),
-)
 
 
-def frames_per_update(config: Path, overrides: tuple[str, ...]) -> int:
-    """``unroll_length x batch_size`` of the run (config values, else the data module's defaults)."""
+def updates_for(frames: float, config: Path, overrides: tuple[str, ...]) -> int:
+    """``trainer.max_steps`` that learns from ``frames`` env frames: batches of ``unroll_length x batch_size``
+    frames, ``passes_per_batch`` updates each (config values, else the data module's defaults)."""
     import yaml
 
     data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
-    values = {"unroll_length": data.get("unroll_length", 20), "batch_size": data.get("batch_size", 32)}
+    defaults = {"unroll_length": 20, "batch_size": 32, "passes_per_batch": 1}
+    values = {key: data.get(key, default) for key, default in defaults.items()}
     for override in overrides:
         for key in values:
             if override.startswith(f"--data.{key}="):
                 values[key] = int(override.split("=", 1)[1])
-    return values["unroll_length"] * values["batch_size"]
+    batches = max(1, math.ceil(frames / (values["unroll_length"] * values["batch_size"])))
+    return batches * values["passes_per_batch"]
 
 
 def run_seed(task: Task, seed: int, frames: float, workdir: Path) -> dict:
     """One ``fit`` process; returns its curve read back from the CSV log: frames, return, wall seconds."""
     config = REPO / task.config
-    updates = max(1, math.ceil(frames / frames_per_update(config, task.overrides)))
+    updates = updates_for(frames, config, task.overrides)
     command = [
         sys.executable, "-m", "lit_impala", "fit", "--config", str(config), *task.overrides,
         f"--seed_everything={seed}", f"--trainer.max_steps={updates}", "--episode_stats.stop_at_return=null",
@@ -160,9 +187,10 @@ def plot(name: str, task: Task, curves: list[dict], path: Path) -> None:
         axis.fill_between(grid / scale, low, high, color="C0", alpha=0.25, linewidth=0, label="min / max")
         if task.target is not None:
             axis.axhline(task.target, color="grey", linestyle=":", label=f"target {task.target:g}")
-        if task.reference is not None and x_key == "env_frames":
-            axis.plot([task.reference.frames / scale], [task.reference.value], marker="*", markersize=11,
-                      color="C3", linestyle="none", label="published reference")
+        shown = task.references if x_key == "env_frames" else ()  # published results are at a frame budget
+        for color, reference in zip(("C3", "C2", "C1"), shown, strict=False):
+            axis.plot([reference.frames / scale], [reference.value], marker="*", markersize=11, color=color,
+                      linestyle="none", label=f"{reference.name} (published) at {reference.frames / 1e6:g}M")
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean return, last 100 episodes")
@@ -187,8 +215,17 @@ def summarize(name: str, task: Task, curves: list[dict]) -> dict:
         "target": task.target,
         "frames_to_target_per_seed": [r[0] if r else None for r in reached],
         "seconds_to_target_per_seed": [r[1] if r else None for r in reached],
-        "reference": asdict(task.reference) if task.reference else None,
+        "references": [asdict(reference) for reference in task.references],
+        "versus_references": versus_references(float(np.mean(finals)), task.references),
     }
+
+
+def versus_references(final: float, references: tuple[Reference, ...]) -> str:
+    """Plainly: where our final mean return stands against each published result, budgets included."""
+    return "; ".join(
+        f"{'at or above' if final >= r.value else 'below'} {r.name} ({r.value:g} at {r.frames / 1e6:g}M)"
+        for r in references
+    ) or "-"
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -198,9 +235,17 @@ def markdown_table(rows: list[dict]) -> str:
                           for v in values)
 
     lines = ["| task | seeds | frames | final return (mean; per seed) | target | frames to target | "
-             "wall s to target | published reference |", "|---|---|---|---|---|---|---|---|"]
+             "wall s to target | published reference | ours at the end vs reference |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    sources: list[str] = []  # cited once each, under the table
     for row in rows:
-        ref = row["reference"]
+        for r in row["references"]:
+            if r["source"] not in sources:
+                sources.append(r["source"])
+        references = "; ".join(
+            f"{r['name']} {r['value']:g} at {r['frames'] / 1e6:g}M [{sources.index(r['source']) + 1}]"
+            for r in row["references"]
+        ) or "-"
         target = "-" if row["target"] is None else f"{row['target']:g}"
         lines.append(
             f"| {row['task']} | {row['seeds']} | {row['frames'] / 1e6:.2f}M | {row['final_return_mean']:.1f}; "
@@ -209,10 +254,10 @@ def markdown_table(rows: list[dict]) -> str:
             + ("-" if row["target"] is None else fmt_list(row["frames_to_target_per_seed"], 1e6, "M"))
             + " | "
             + ("-" if row["target"] is None else fmt_list(row["seconds_to_target_per_seed"], 1, " s"))
-            + " | "
-            + ("-" if ref is None else f"{ref['value']:g} at {ref['frames'] / 1e6:g}M frames: {ref['source']}")
-            + " |"
+            + f" | {references} | {row['versus_references']} |"
         )
+    lines.append("")
+    lines += [f"[{number}] {source}  " for number, source in enumerate(sources, 1)]
     lines.append("")
     lines += [f"![{row['task']}](benchmarks/results/learning/{row['task']}.png)" for row in rows]
     return "\n".join(lines)
@@ -228,34 +273,51 @@ def update_readme(table: str, readme: Path = README) -> bool:
     return True
 
 
+def run_task(name: str, task: Task, frames: float, seeds: int) -> list[dict]:
+    """Every seed of one task, one process after the other, each in a scratch directory removed afterwards."""
+    curves = []
+    with tempfile.TemporaryDirectory(prefix=f"learning_{name}_") as scratch:
+        for seed in range(seeds):
+            curve = run_seed(task, seed, frames, Path(scratch) / f"seed{seed}")
+            print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
+                  f"{curve['process_seconds']:.0f} s", flush=True)
+            curves.append(curve)
+    return curves
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=None,
+                        help=f"comma-separated, from: {', '.join(TASKS)} (default: all; with --replot, all run so far)")
     parser.add_argument("--frames", type=float, default=None, help="env frames per seed (default: the task's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the task's)")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--replot", action="store_true",
+                        help="run nothing: redraw the plots and rows from the curves already in results/learning "
+                             "(after a change to a task's references or target)")
     args = parser.parse_args(argv)
-    names = args.tasks.split(",")
+    results_dir = Path(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR))
+    out = results_dir / "learning"
+    if args.tasks:
+        names = args.tasks.split(",")
+    else:
+        names = [n for n in TASKS if not args.replot or (out / f"{n}.json").exists()]
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
-
-    results_dir = Path(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR))
-    out = results_dir / "learning"
     out.mkdir(parents=True, exist_ok=True)
     summary_path = results_dir / "learning.json"
     rows = {row["task"]: row for row in (json.loads(summary_path.read_text()).get("rows", [])
                                          if summary_path.exists() else [])}
     for name in names:
         task = TASKS[name]
-        frames = args.frames or task.frames
-        with tempfile.TemporaryDirectory(prefix=f"learning_{name}_") as scratch:
-            curves = []
-            for seed in range(args.seeds or task.seeds):
-                curve = run_seed(task, seed, frames, Path(scratch) / f"seed{seed}")
-                print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
-                      f"{curve['process_seconds']:.0f} s", flush=True)
-                curves.append(curve)
+        if args.replot:
+            saved = out / f"{name}.json"
+            if not saved.exists():
+                parser.error(f"--replot: no curves for {name} in {saved}: run the task first")
+            curves = json.loads(saved.read_text())["curves"]
+        else:
+            curves = run_task(name, task, args.frames or task.frames, args.seeds or task.seeds)
         row = summarize(name, task, curves)
         plot(name, task, curves, out / f"{name}.png")
         (out / f"{name}.json").write_text(json.dumps({"row": row, "curves": curves}) + "\n")
@@ -263,10 +325,11 @@ def main(argv: list[str] | None = None) -> dict:
     ordered = [rows[n] for n in TASKS if n in rows]
     print_table(
         "Learning: mean return of the last 100 episodes at the end of the budget",
-        ["task", "seeds", "frames", "final return", "target", "frames to target (per seed)"],
+        ["task", "seeds", "frames", "final return", "target", "frames to target (per seed)", "vs published"],
         [[r["task"], r["seeds"], f"{r['frames'] / 1e6:.2f}M", r["final_return_mean"],
           "-" if r["target"] is None else r["target"],
-          " / ".join("-" if v is None else f"{v / 1e6:.2f}M" for v in r["frames_to_target_per_seed"])]
+          " / ".join("-" if v is None else f"{v / 1e6:.2f}M" for v in r["frames_to_target_per_seed"]),
+          r.get("versus_references", "-")]
          for r in ordered],
     )
     table = markdown_table(ordered)

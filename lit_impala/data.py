@@ -24,7 +24,7 @@ from lit_impala.actors.pool import ActorPool
 from lit_impala.actors.remote_launch import make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import action_space_spec, describe_env
-from lit_impala.schema import BATCH_KEYS
+from lit_impala.schema import BATCH_KEYS, REPLAYED_KEY
 
 
 def _identity(batch):
@@ -35,14 +35,22 @@ class UnrollStream(IterableDataset):
     """Endless stream of learner batches ``[batch_size, unroll_length]`` from a torchrl collector.
 
     Each collector item is one actor's ``[envs_per_actor, unroll_length]`` rollout; unrolls are
-    regrouped (never dropped, never reused) into batches of exactly ``batch_size``.
+    regrouped (never dropped) into batches of exactly ``batch_size``. Each batch is yielded ``passes``
+    times in a row; every pass after the first carries ``REPLAYED_KEY`` True, so that its frames, episodes
+    and observation statistics are counted once.
     """
 
-    def __init__(self, rollouts, batch_size: int):
+    def __init__(self, rollouts, batch_size: int, passes: int = 1):
         self.rollouts = rollouts  # a collector, or anything iterable yielding its rollouts
         self.batch_size = batch_size
+        self.passes = passes
 
     def __iter__(self) -> Iterator[TensorDictBase]:
+        for batch in self._batches():
+            for learning_pass in range(self.passes):
+                yield batch.copy().set(REPLAYED_KEY, torch.full(batch.batch_size, learning_pass > 0))
+
+    def _batches(self) -> Iterator[TensorDictBase]:
         pending: list[TensorDictBase] = []
         num_pending = 0
         for rollout in self.rollouts:
@@ -67,6 +75,11 @@ class ImpalaDataModule(L.LightningDataModule):
         envs_per_actor: envs stepped together in one actor (a gymnasium ``SyncVectorEnv``, or one envpool).
         unroll_length: T, steps per unroll (the paper's n).
         batch_size: B, unrolls per learner batch.
+        passes_per_batch: updates the learner takes on each batch, one after the other. 1 (the paper):
+            every frame is learnt from once. More reuses the frames while the actors fill the next batch
+            (as APPO's ``num_sgd_iter`` or Sample Factory's ``num_epochs``): V-trace corrects for the
+            policy moving between the passes, and the extra updates count in ``trainer.max_steps`` while the
+            batch's frames and episodes count once.
         seed: base env seed; each actor (and each DDP rank) gets a distinct seed derived from it.
             None (default): the run's seed (``seed_everything``, read via ``torch.initial_seed()``).
         max_episode_steps: override the env's time limit (episodes are *truncated* there); None
@@ -118,6 +131,7 @@ class ImpalaDataModule(L.LightningDataModule):
         envs_per_actor: PositiveInt = 32,
         unroll_length: PositiveInt = 20,
         batch_size: PositiveInt = 32,
+        passes_per_batch: PositiveInt = 1,
         seed: int | None = None,
         max_episode_steps: PositiveInt | None = None,
         observation_key: str | None = None,
@@ -245,7 +259,7 @@ class ImpalaDataModule(L.LightningDataModule):
         # an asynchronous copy.
         to_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(
-            UnrollStream(_PoolRollouts(self), self.hparams.batch_size),
+            UnrollStream(_PoolRollouts(self), self.hparams.batch_size, self.hparams.passes_per_batch),
             batch_size=None,
             num_workers=0,
             collate_fn=_identity,

@@ -36,7 +36,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.episodes import EvalResult, run_episodes
-from lit_impala.schema import Trajectory, to_time_major
+from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class ImpalaModule(L.LightningModule):
         state_dependent_std: the Gaussian's std comes from the network (default: a free parameter).
         normalize_observations: normalise vector observations with running mean/std (learnt by
             the learner, shipped to the actors with the weights, saved in checkpoints).
+        shared_encoder: the value head reads the policy's encoder (the paper); False: the value has an
+            encoder of its own, the same shape (PPO baselines on MuJoCo do this). Not with ``use_lstm``.
         discount: gamma, the per-step discount.
         reward_scale: rewards are multiplied by this for learning only (logged returns stay raw).
         reward_clip: rewards are clipped to ``[-reward_clip, reward_clip]`` for learning only, before
@@ -107,6 +109,7 @@ class ImpalaModule(L.LightningModule):
         log_std_init: float = 0.0,
         state_dependent_std: bool = False,
         normalize_observations: bool = False,
+        shared_encoder: bool = True,
         discount: ClosedUnitInterval = 0.99,
         reward_scale: PositiveFloat = 1.0,
         reward_clip: PositiveFloat | None = None,
@@ -147,6 +150,7 @@ class ImpalaModule(L.LightningModule):
             log_std_init=log_std_init,
             state_dependent_std=state_dependent_std,
             normalize_observations=normalize_observations,
+            shared_encoder=shared_encoder,
         )
         self.network = self.network_factory()
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
@@ -201,8 +205,8 @@ class ImpalaModule(L.LightningModule):
         )
 
         # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)
-        if self.network.normalizer is not None:
-            # After this batch's loss, so the loss used the statistics the actors acted with.
+        if self.network.normalizer is not None and not is_replayed(batch):
+            # After this batch's loss, so the loss used the statistics the actors acted with; once per batch.
             self.network.normalizer.update(trajectory.observation.flatten(0, 1))
         self._update = UpdateTensors(
             log_rhos=log_rhos,

@@ -25,6 +25,9 @@ BEHAVIOUR_LOG_PROB_KEY = "behaviour_log_prob"  # log mu(a_t | x_t) of the policy
 POLICY_VERSION_KEY = "policy_version"  # int64: learner updates behind the weights that acted
 CORE_STATE_KEYS = ("core_state_h", "core_state_c")  # LSTM state entering the step
 
+# --- written by the dataset (data.UnrollStream) -------------------------------------------------------------
+REPLAYED_KEY = "replayed"  # bool [B, T]: a second or later pass over this batch (data.passes_per_batch)
+
 # Everything the learner reads from a collector batch; the dataset keeps only these keys
 # (the core-state keys exist only for recurrent policies).
 BATCH_KEYS = [
@@ -65,6 +68,11 @@ class Trajectory(NamedTuple):
     def done(self) -> Tensor:
         """``[T, B]`` bool: an episode ended at step t, by termination or truncation."""
         return self.terminated | self.truncated
+
+
+def is_replayed(batch: TensorDictBase) -> bool:
+    """A second or later pass over the same frames (``data.passes_per_batch``): count them once."""
+    return REPLAYED_KEY in batch.keys() and bool(batch.get(REPLAYED_KEY).any())
 
 
 def to_time_major(batch: TensorDictBase) -> Trajectory:

@@ -18,7 +18,7 @@ import torch
 
 from lit_impala.callbacks.histograms import log_histograms
 from lit_impala.config import PositiveInt, check_arguments
-from lit_impala.schema import to_time_major
+from lit_impala.schema import is_replayed, to_time_major
 
 
 class Progress(NamedTuple):
@@ -87,9 +87,10 @@ class EpisodeStats(L.Callback):
         now = time.perf_counter()
         self._batch_end_time = now
         trajectory = to_time_major(batch)
-        self.env_frames += trajectory.reward.numel()
+        replayed = is_replayed(batch)
+        self.env_frames += 0 if replayed else trajectory.reward.numel()
         done = trajectory.done
-        if done.any():
+        if done.any() and not replayed:
             self.episode_returns.extend(trajectory.episode_return[done].tolist())
             self.episode_lengths.extend(trajectory.episode_length[done].tolist())
         progress = self.progress = self._across_ranks(trainer, pl_module.device)

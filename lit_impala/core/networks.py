@@ -71,6 +71,10 @@ class ImpalaAgent(nn.Module):
             state-independent ``log_std`` parameter (ignored for discrete actions).
         normalize_observations: normalise vector observations with running statistics (``normalizer``;
             the learner calls ``normalizer.update``). Pixel encoders scale uint8 by 1/255 instead.
+        shared_encoder: the baseline head reads the policy's features (the paper). False: the baseline
+            has an encoder of its own, of the same shape (``baseline_encoder``), so the value loss does not
+            move the policy's features, as PPO baselines do for MuJoCo. Feed-forward agents only: with an
+            LSTM the value needs the core's memory.
     """
 
     def __init__(
@@ -88,6 +92,7 @@ class ImpalaAgent(nn.Module):
         log_std_init: float = 0.0,
         state_dependent_std: bool = False,
         normalize_observations: bool = False,
+        shared_encoder: bool = True,
     ):
         super().__init__()
         _check_choice("encoder", encoder, ENCODERS)
@@ -105,15 +110,12 @@ class ImpalaAgent(nn.Module):
             raise ValueError(f"encoder {encoder!r} expects {expects}, got observation shape {self.observation_shape}")
         if normalize_observations and self.is_pixel:
             raise ValueError(f"normalize_observations is for vector observations, not encoder {encoder!r}")
+        if use_lstm and not shared_encoder:
+            raise ValueError("shared_encoder=False is for feed-forward agents: with use_lstm the value reads the "
+                             "core's memory, so it shares the encoder")
         self.normalizer = ObservationNormalizer(self.observation_shape) if normalize_observations else None
-        if encoder == "mlp":
-            self.encoder = MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
-        elif encoder == "resnet":
-            self.encoder = ResNetEncoder(self.observation_shape, feature_dim)
-        elif encoder == "minatar":
-            self.encoder = MinAtarEncoder(self.observation_shape, feature_dim)
-        else:
-            self.encoder = NatureCNNEncoder(self.observation_shape, feature_dim)
+        self.encoder = self._make_encoder(encoder, hidden_dim, feature_dim)
+        self.baseline_encoder = None if shared_encoder else self._make_encoder(encoder, hidden_dim, feature_dim)
 
         # 2. core
         self.core = nn.LSTM(feature_dim, lstm_hidden_dim) if use_lstm else None
@@ -135,13 +137,23 @@ class ImpalaAgent(nn.Module):
             with torch.no_grad():  # start at std = exp(log_std_init) whatever the state
                 self.policy_head.bias[distribution.action_dim :].fill_(float(log_std_init))
 
+    def _make_encoder(self, encoder: str, hidden_dim: int, feature_dim: int) -> nn.Module:
+        if encoder == "mlp":
+            return MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
+        if encoder == "resnet":
+            return ResNetEncoder(self.observation_shape, feature_dim)
+        if encoder == "minatar":
+            return MinAtarEncoder(self.observation_shape, feature_dim)
+        return NatureCNNEncoder(self.observation_shape, feature_dim)
+
     def _initialize(self, init_fn: str, policy_init_scale: float, value_init_scale: float) -> None:
         """rllte / CleanRL-style init; "identity" keeps PyTorch's defaults untouched."""
         if init_fn == "identity":
             return
         init_weight = nn.init.orthogonal_ if init_fn == "orthogonal" else nn.init.xavier_uniform_
         relu_gain = nn.init.calculate_gain("relu")  # sqrt(2): keeps activations' scale through ReLUs
-        for module in self.encoder.modules():
+        encoders = [self.encoder] if self.baseline_encoder is None else [self.encoder, self.baseline_encoder]
+        for module in (m for encoder in encoders for m in encoder.modules()):
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 init_weight(module.weight, gain=relu_gain)
                 nn.init.zeros_(module.bias)
@@ -204,7 +216,9 @@ class ImpalaAgent(nn.Module):
         policy_params = self.policy_head(core_output)
         if self.log_std is not None:
             policy_params = torch.cat([policy_params, self.log_std.expand_as(policy_params)], dim=-1)
-        return AgentOutput(policy_params, self.baseline_head(core_output).squeeze(-1), core_states)
+        # Without LSTM (checked in __init__) the value's own features need no time order either.
+        value_input = core_output if self.baseline_encoder is None else self.baseline_encoder(x).reshape(*leading, -1)
+        return AgentOutput(policy_params, self.baseline_head(value_input).squeeze(-1), core_states)
 
     def _unroll(
         self, features: Tensor, core_state: CoreState | None, is_init: Tensor | None

@@ -79,3 +79,19 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     assert learning.update_readme(result["table_markdown"], readme)
     text = readme.read_text()
     assert "old" not in text and "| cartpole | 1 |" in text and text.startswith("before") and text.endswith("after\n")
+    # The published reference sits next to ours, with its budget, a plain verdict and its source under the table.
+    assert "PPO 490.04 at 0.5M [1]" in text and "[1] CleanRL ppo.py, CartPole-v1" in text
+    assert row["versus_references"].startswith("below PPO (490.04 at 0.5M)")
+    # --replot redraws the plot and the row from the saved curve without running anything.
+    png.unlink()
+    replotted = learning.main(["--replot", "--no-readme"])
+    assert [r["task"] for r in replotted["rows"]] == ["cartpole"] and replotted["rows"][0] == row
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_learning_budgets_count_frames_not_updates():
+    """trainer.max_steps for a frame budget: one update per batch of unroll x batch frames, times the passes."""
+    config = learning.REPO / "configs" / "mujoco.yaml"
+    assert learning.updates_for(5e6, config, ()) == 7813  # 640 frames per batch
+    assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4",)) == 4 * 7813
+    assert learning.updates_for(5e6, config, ("--data.batch_size=8",)) == 31250

@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 import yaml
 
 from lit_impala.callbacks import EpisodeStats
@@ -64,6 +65,18 @@ def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
     assert list(tmp_path.rglob("last.ckpt")), "a final checkpoint must be saved"
 
 
+def test_passes_per_batch_takes_more_updates_and_counts_each_frame_once(tmp_path):
+    """3 passes over each batch: 6 updates learn from 2 batches; the user reads 2 batches' frames, and the
+    observation statistics in the checkpoint saw each frame once."""
+    run = run_lit_impala(["fit", *tiny(tmp_path, "--data.passes_per_batch=3", "--model.normalize_observations=true",
+                                       "--trainer.logger=false")], tmp_path)
+    assert run.returncode == 0, run.tail()
+    assert "Training stopped after 6 updates and 40 env frames" in run.stdout, run.tail()
+    checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
+    assert checkpoint["global_step"] == 6
+    assert checkpoint["state_dict"]["network.normalizer.count"].item() == 2 * 5 * 4
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", CONFIG, "--print_config"])
@@ -110,6 +123,7 @@ BAD_INPUTS = [
     ("--data.unroll_length=0", "data.unroll_length: expected a PositiveInt (v>0), got 0"),
     ("--data.batch_size=0", "data.batch_size: expected a PositiveInt (v>0), got 0"),
     ("--data.envs_per_actor=-2", "data.envs_per_actor: expected a PositiveInt (v>0), got -2"),
+    ("--data.passes_per_batch=0", "data.passes_per_batch: expected a PositiveInt (v>0), got 0"),
     # learning hyper-parameters
     ("--model.lr=0", "model.lr: expected a PositiveFloat (v>0), got 0"),
     ("--model.clip_c_threshold=-1", "model.clip_c_threshold: expected a PositiveFloat (v>0) or null, got -1"),
@@ -124,6 +138,7 @@ BAD_INPUTS = [
     ("--data.actors=remote --data.inference=server", "inference: server is for local actors"),
     ("--data.inference=server --data.inference_device=gpu0", "inference_device: 'gpu0' is not a torch device"),
     ("--data.inference=gpu", "data.inference: expected one of 'actor', 'server', got 'gpu'"),
+    ("--model.use_lstm=true --model.shared_encoder=false", "shared_encoder=False is for feed-forward agents"),
     # checkpoints
     ("--ckpt_path=CORRUPT", "cannot be read"),
     ("--ckpt_path=OTHER_ENV", "was written for a different env or network"),

@@ -295,12 +295,32 @@ def test_actor_critic_mlp_keeps_its_old_interface():
         (dict(observation_shape=(5,), encoder="resnet"), r"'resnet'.*\(C, H, W\).*\(5,\)"),
         (dict(observation_shape=(3, 20, 20), encoder="nature"), r"\(3, 20, 20\) is too small for the 'nature'"),
         (dict(observation_shape=PIXELS, encoder="resnet", normalize_observations=True), r"normalize_observations"),
+        (dict(use_lstm=True, shared_encoder=False), r"shared_encoder=False is for feed-forward agents"),
     ],
 )
 def test_invalid_configurations_raise_clear_errors(kwargs, match):
     kwargs = {"observation_shape": (5,), "distribution": Categorical(2), **kwargs}
     with pytest.raises(ValueError, match=match):
         ImpalaAgent(**kwargs)
+
+
+@pytest.mark.parametrize("shared_encoder", [True, False])
+def test_a_value_of_its_own_keeps_the_value_loss_out_of_the_policy_features(shared_encoder):
+    torch.manual_seed(0)
+    agent = ImpalaAgent((5,), DiagGaussian(2, -1.0, 1.0), hidden_dim=8, feature_dim=8, shared_encoder=shared_encoder)
+    output = agent(torch.randn(3, 4, 5))
+    output.baseline.square().sum().backward()  # a value loss alone
+    policy_encoder_grad = sum(p.grad.abs().sum() for p in agent.encoder.parameters() if p.grad is not None)
+    assert agent.policy_head.weight.grad is None
+    if shared_encoder:
+        assert agent.baseline_encoder is None and policy_encoder_grad > 0
+    else:
+        assert policy_encoder_grad == 0
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.baseline_encoder.parameters())
+        # Same shape, its own weights: the policy is the same function of the observation either way.
+        assert [p.shape for p in agent.baseline_encoder.parameters()] == [p.shape for p in agent.encoder.parameters()]
+        assert not torch.equal(agent.baseline_encoder.net[0].weight, agent.encoder.net[0].weight)
+    assert agent.step_value(torch.randn(6, 5)).shape == (6,)
 
 
 def test_wrong_input_shapes_raise():
