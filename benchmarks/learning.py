@@ -239,6 +239,8 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     sources: list[str] = []  # cited once each, under the table
     for row in rows:
+        row.setdefault("references", [])  # rows written before references were recorded (`--replot` adds them)
+        row.setdefault("versus_references", "-")
         for r in row["references"]:
             if r["source"] not in sources:
                 sources.append(r["source"])
