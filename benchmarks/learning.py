@@ -194,7 +194,7 @@ def plot(name: str, task: Task, curves: list[dict], path: Path) -> None:
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("mean return, last 100 episodes")
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="best")  # clear of the curve and the published stars
     figure.suptitle(f"{name}: {task.config} {' '.join(task.overrides)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path)
