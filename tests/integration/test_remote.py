@@ -25,7 +25,7 @@ from lit_impala.callbacks import EpisodeStats
 from lit_impala.core.networks import ActorCriticMLP
 from lit_impala.data import ImpalaDataModule, UnrollStream
 from lit_impala.learner import ImpalaModule
-from lit_impala.schema import BATCH_KEYS, CORE_STATE_KEYS, to_time_major
+from lit_impala.schema import BATCH_KEYS, CORE_STATE_KEYS, REPLAYED_KEY, to_time_major
 from tests.conftest import REPO
 
 NUM_ACTORS, ENVS_PER_ACTOR, UNROLL_LENGTH, BATCH_SIZE, STEPS = 2, 4, 10, 4, 4
@@ -89,7 +89,9 @@ def test_remote_actors_feed_a_learner_and_leave_nothing_behind():
         batch = next(stream)
         assert batch.batch_size == torch.Size([BATCH_SIZE, UNROLL_LENGTH])
         keys = set(batch.keys(True, True))
-        assert keys <= set(BATCH_KEYS) and keys >= set(BATCH_KEYS) - OPTIONAL_KEYS, keys
+        stream_keys = {*BATCH_KEYS, REPLAYED_KEY}  # what the actors send, and the dataset's replay mark
+        assert keys <= stream_keys and keys >= stream_keys - OPTIONAL_KEYS, keys
+        assert not batch[REPLAYED_KEY].any()
         assert batch["observation"].dtype == torch.float32 and batch["observation"].shape[-1] == 4
         assert batch["policy_sample"].dtype == torch.int64 and batch["policy_sample"].shape == (
             BATCH_SIZE,
