@@ -43,9 +43,10 @@ def test_envpool_alone_would_insert_a_phantom_transition_between_episodes():
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "HalfCheetah-v5"])
-def test_the_same_keys_shapes_and_dtypes_as_the_gymnasium_backend(env_id):
+def test_the_same_keys_shapes_and_dtypes_as_the_gymnasium_backend(env_id, tmp_path, monkeypatch):
     if env_id == "HalfCheetah-v5":
         pytest.importorskip("mujoco", reason="the mujoco extra provides gymnasium's HalfCheetah")
+        monkeypatch.chdir(tmp_path)  # MuJoCo writes its model-compiler warnings to MUJOCO_LOG.TXT in the cwd
         # envpool declares MuJoCo actions float64, gymnasium float32: the backend hands out float32 like gymnasium
         assert describe_env(env_id, backend="envpool") == describe_env(env_id)
     gymnasium_env = make_vector_env(env_id, 4, seed=0)
