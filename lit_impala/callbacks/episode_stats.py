@@ -86,13 +86,13 @@ class EpisodeStats(L.Callback):
         # After the optimizer step (global_step counts this update): its frames and episodes count now.
         now = time.perf_counter()
         self._batch_end_time = now
-        trajectory = to_time_major(batch)
-        replayed = is_replayed(batch)
-        self.env_frames += 0 if replayed else trajectory.reward.numel()
-        done = trajectory.done
-        if done.any() and not replayed:
-            self.episode_returns.extend(trajectory.episode_return[done].tolist())
-            self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+        if not is_replayed(batch):  # a repeat pass over the same frames (data.passes_per_batch) adds nothing
+            trajectory = to_time_major(batch)
+            self.env_frames += trajectory.reward.numel()
+            done = trajectory.done
+            if done.any():
+                self.episode_returns.extend(trajectory.episode_return[done].tolist())
+                self.episode_lengths.extend(trajectory.episode_length[done].tolist())
         progress = self.progress = self._across_ranks(trainer, pl_module.device)
         target = self.stop_at_return
         if target is not None and progress.windows_full and progress.mean_return >= target:

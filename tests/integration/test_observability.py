@@ -82,7 +82,9 @@ def test_wandb_history_has_every_metric_histograms_and_an_eval_video(tmp_path):
 
 
 def test_tensorboard_gets_the_same_scalars(tmp_path):
-    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="reading TensorBoard logs needs tensorboard"
+    )
     run(tmp_path, "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
         f"--trainer.logger.save_dir={tmp_path / 'tb'}")
     event_dirs = {p.parent for p in (tmp_path / "tb").rglob("events.out.tfevents.*")}

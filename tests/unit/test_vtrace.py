@@ -291,7 +291,9 @@ def test_matches_torchrl(rho_bar, c_bar):
     the policy-gradient advantages, so we compare with gamma_t = gamma * (1 - done_t), lambda = 1 and
     clip_pg_rho_threshold = clip_rho_threshold.
     """
-    functional = pytest.importorskip("torchrl.objectives.value.functional")
+    functional = pytest.importorskip(
+        "torchrl.objectives.value.functional", reason="torchrl's functional value estimators are the comparison"
+    )
     T, B = 12, 6
     gamma = 0.75  # exactly representable: torchrl builds its discounts in the default (float32) dtype
     rng = np.random.default_rng(11)
