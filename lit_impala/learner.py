@@ -78,6 +78,9 @@ class ImpalaModule(L.LightningModule):
         clip_c_threshold: c-bar, clips the trace coefficients (None: no clip).
         clip_pg_rho_threshold: clips the importance weights of the policy gradient (None: no clip).
         lambda_: trace coefficient c_t = lambda_ * min(c-bar, rho_t).
+        policy_clip: None (the paper): the policy-gradient term is V-trace's. A number eps (PPO's 0.2): PPO's
+            clipped surrogate on the V-trace advantages (APPO), so that several updates on one batch
+            (``data.passes_per_batch``) stay within a ratio of ``1 +- eps`` of the policy that acted.
         pg_target: what the policy-gradient advantage bootstraps from when ``lambda_ < 1``: ``paper``
             (q_t = r_t + gamma_t * v_{t+1}; the paper, TorchBeast, scalable_agent, seed_rl) or ``rlax``
             (q_t = r_t + gamma_t * (lambda_ * v_{t+1} + (1 - lambda_) * V(x_{t+1})); rlax, Acme). Equal at lambda_ 1.
@@ -119,6 +122,7 @@ class ImpalaModule(L.LightningModule):
         clip_c_threshold: PositiveFloat | None = 1.0,
         clip_pg_rho_threshold: PositiveFloat | None = 1.0,
         lambda_: ClosedUnitInterval = 1.0,
+        policy_clip: PositiveFloat | None = None,
         pg_target: Literal["paper", "rlax"] = "paper",
         loss_reduction: Literal["sum", "mean"] = "sum",
         lr: PositiveFloat = 6e-4,
@@ -201,7 +205,8 @@ class ImpalaModule(L.LightningModule):
 
         # 4. loss terms
         terms = impala_loss(
-            target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction
+            target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction,
+            behaviour_log_prob=trajectory.behaviour_log_prob, policy_clip=hp.policy_clip,
         )
 
         # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)

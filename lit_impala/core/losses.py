@@ -11,6 +11,7 @@ without that coupling (e.g. Adam with a small eps).
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 from lit_impala.core.vtrace import VTraceFromLogProbsReturns, VTraceReturns
@@ -64,6 +65,42 @@ def policy_gradient_loss(target_log_prob: Tensor, pg_advantages: Tensor, reducti
     return _reduce(-target_log_prob * pg_advantages.detach(), reduction)
 
 
+def clipped_policy_gradient_loss(
+    target_log_prob: Tensor,
+    behaviour_log_prob: Tensor,
+    pg_advantages: Tensor,
+    policy_clip: float,
+    reduction: str = "sum",
+) -> Tensor:
+    """PPO's clipped surrogate on V-trace advantages (APPO, as RLlib's ``APPO`` builds it),
+    ``-reduce(min(ratio_t * A_t, clip(ratio_t, 1 - eps, 1 + eps) * A_t))`` with ``ratio_t = pi(a_t|x_t) /
+    mu(a_t|x_t)``.
+
+    Why: one V-trace step may move the policy arbitrarily far from the one that acted; the clip takes the
+    gradient away from every step whose ratio has already moved more than ``eps`` in the advantage's
+    direction, so several updates on one batch (``data.passes_per_batch``) cannot run away from the data.
+    Its gradient at ``ratio == 1`` is that of ``policy_gradient_loss``.
+
+    Args:
+        target_log_prob: ``[T, B]`` log pi(a_t|x_t) under the learner policy (carries the gradient).
+        behaviour_log_prob: ``[T, B]`` log mu(a_t|x_t) of the policy that acted (a constant).
+        pg_advantages: ``[T, B]`` V-trace advantages; treated as constants (detached).
+        policy_clip: eps > 0, how far the ratio may move before its gradient is cut (PPO: 0.2).
+        reduction: ``"sum"`` (default; paper / TorchBeast) or ``"mean"`` (over T * B).
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_same_shape("target_log_prob", target_log_prob, "pg_advantages", pg_advantages)
+    _check_same_shape("target_log_prob", target_log_prob, "behaviour_log_prob", behaviour_log_prob)
+    if not policy_clip > 0:
+        raise ValueError(f"policy_clip must be > 0, got {policy_clip}")
+    advantages = pg_advantages.detach()
+    ratio = torch.exp(target_log_prob - behaviour_log_prob.detach())
+    surrogate = torch.minimum(ratio * advantages, ratio.clamp(1 - policy_clip, 1 + policy_clip) * advantages)
+    return _reduce(-surrogate, reduction)
+
+
 def baseline_loss(vs: Tensor, values: Tensor, reduction: str = "sum") -> Tensor:
     """Baseline regression towards the V-trace targets, ``reduce(0.5 * (vs - V(x_t))^2)``.
 
@@ -100,6 +137,9 @@ def impala_loss(
     baseline_coef: float = 0.5,
     ent_coef: float = 0.01,
     reduction: str = "sum",
+    *,
+    behaviour_log_prob: Tensor | None = None,
+    policy_clip: float | None = None,
 ) -> LossTerms:
     """Full IMPALA loss, ``policy + baseline_coef * baseline + ent_coef * entropy``.
 
@@ -112,6 +152,9 @@ def impala_loss(
         ent_coef: weight of the entropy loss (TorchBeast's ``entropy_cost``).
         reduction: ``"sum"`` (default) sums every term over time and batch as the paper and
             TorchBeast do (what RMSprop's ``eps=0.01`` assumes); ``"mean"`` averages over T * B.
+        behaviour_log_prob: ``[T, B]`` log mu(a_t|x_t); needed with ``policy_clip``.
+        policy_clip: None (the paper): the policy term is ``policy_gradient_loss``; eps: it is
+            ``clipped_policy_gradient_loss`` (APPO).
 
     Returns:
         ``LossTerms`` of scalars: the weighted ``total`` and the unweighted ``policy``, ``baseline``
@@ -120,7 +163,14 @@ def impala_loss(
     _check_reduction(reduction)
     _check_same_shape("entropy", entropy, "target_log_prob", target_log_prob)
     _check_same_shape("values", values, "target_log_prob", target_log_prob)
-    policy = policy_gradient_loss(target_log_prob, vtrace_returns.pg_advantages, reduction)
+    if policy_clip is None:
+        policy = policy_gradient_loss(target_log_prob, vtrace_returns.pg_advantages, reduction)
+    elif behaviour_log_prob is None:
+        raise ValueError("policy_clip needs behaviour_log_prob")
+    else:
+        policy = clipped_policy_gradient_loss(
+            target_log_prob, behaviour_log_prob, vtrace_returns.pg_advantages, policy_clip, reduction
+        )
     baseline = baseline_loss(vtrace_returns.vs, values, reduction)
     entropy_term = entropy_loss(entropy, reduction)
     total = policy + baseline_coef * baseline + ent_coef * entropy_term

@@ -127,6 +127,7 @@ BAD_INPUTS = [
     # learning hyper-parameters
     ("--model.lr=0", "model.lr: expected a PositiveFloat (v>0), got 0"),
     ("--model.clip_c_threshold=-1", "model.clip_c_threshold: expected a PositiveFloat (v>0) or null, got -1"),
+    ("--model.policy_clip=0", "model.policy_clip: expected a PositiveFloat (v>0) or null, got 0"),
     ("--model.discount=1.5", "model.discount: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
     ("--model.lambda_=1.5", "model.lambda_: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
     ("--model.reward_clip=0", "model.reward_clip: expected a PositiveFloat (v>0) or null, got 0"),

@@ -7,8 +7,11 @@ from lit_impala.cli import cli_main
 from tests.conftest import REPO
 
 
-@pytest.mark.parametrize("inference", ["actor", "server"])
-def test_cartpole_reaches_195(tmp_path, monkeypatch, inference):
+@pytest.mark.parametrize("inference, loss", [("actor", ()), ("server", ()),
+                                             # APPO: 2 clipped passes over each batch, updates counted per pass
+                                             ("actor", ("--model.policy_clip=0.2", "--data.passes_per_batch=2"))],
+                         ids=["actor", "server", "actor-appo"])
+def test_cartpole_reaches_195(tmp_path, monkeypatch, inference, loss):
     monkeypatch.chdir(tmp_path)
     cli = cli_main([
         "fit", "--config", str(REPO / "configs" / "cartpole.yaml"),
@@ -16,7 +19,7 @@ def test_cartpole_reaches_195(tmp_path, monkeypatch, inference):
         "--trainer.callbacks=null",
         "--trainer.max_steps=1500",  # budget: 960K frames; it usually stops near 200K
         "--episode_stats.stop_at_return=195",
-        f"--data.inference={inference}",
+        f"--data.inference={inference}", *loss,
     ])
     stats = EpisodeStats.of(cli.trainer)
     assert len(stats.episode_returns) == 100

@@ -155,3 +155,63 @@ def test_shape_mismatch_raises():
         losses.policy_gradient_loss(x["target_log_prob"], x["pg_advantages"].unsqueeze(-1))
     with pytest.raises(ValueError, match="values"):
         losses.baseline_loss(x["vs"], x["values"].unsqueeze(-1))
+
+
+# --- the clipped surrogate (APPO): written from PPO's objective, L = -sum min(r A, clip(r, 1-eps, 1+eps) A) ---
+
+BEHAVIOUR_LOG_PROB = [[-0.6, -1.0], [-1.5, -0.4], [-0.7, -2.5]]  # ratios 1.105, 1, 0.607, 1.350, 1, 0.607
+
+
+def hand_clipped_surrogate(lp, blp, a, eps):
+    """One step's loss and d loss / d lp, by cases of PPO's objective in plain floats."""
+    import math
+
+    ratio = math.exp(lp - blp)
+    clipped = min(max(ratio, 1 - eps), 1 + eps)
+    if ratio * a <= clipped * a:  # the unclipped term is the min: its gradient flows, d ratio / d lp = ratio
+        return -ratio * a, -ratio * a
+    return -clipped * a, 0.0  # the clipped term is constant in lp
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", 1 / N), ("sum", 1.0)])
+@pytest.mark.parametrize("eps", [0.2, 0.05])
+def test_clipped_policy_gradient_loss_against_hand_cases(reduction, scale, eps):
+    x = small_tensors()
+    behaviour = torch.tensor(BEHAVIOUR_LOG_PROB, dtype=torch.float64)
+    loss = losses.clipped_policy_gradient_loss(x["target_log_prob"], behaviour, x["pg_advantages"], eps, reduction)
+    cases = [[hand_clipped_surrogate(x["target_log_prob"][t, b].item(), behaviour[t, b].item(),
+                                     x["pg_advantages"][t, b].item(), eps) for b in range(B)] for t in range(T)]
+    assert loss.item() == pytest.approx(scale * sum(c[0] for row in cases for c in row), rel=1e-12)
+
+    loss.backward()
+    expected_grad = torch.tensor([[scale * c[1] for c in row] for row in cases], dtype=torch.float64)
+    torch.testing.assert_close(x["target_log_prob"].grad, expected_grad)
+    # The data make both kinds of step: some gradients are cut, some flow.
+    assert (expected_grad == 0).any() and (expected_grad != 0).any()
+
+
+def test_clipped_surrogate_has_the_plain_gradient_on_policy():
+    # At ratio 1 (the first pass on fresh data) APPO's step is IMPALA's.
+    x, y = small_tensors(), small_tensors()
+    losses.clipped_policy_gradient_loss(
+        x["target_log_prob"], x["target_log_prob"].detach(), x["pg_advantages"], 0.2).backward()
+    losses.policy_gradient_loss(y["target_log_prob"], y["pg_advantages"]).backward()
+    torch.testing.assert_close(x["target_log_prob"].grad, y["target_log_prob"].grad)
+
+
+def test_impala_loss_uses_the_clip_only_when_asked():
+    x = small_tensors(requires_grad=False)
+    behaviour = torch.tensor(BEHAVIOUR_LOG_PROB, dtype=torch.float64)
+    returns = vtrace.VTraceReturns(vs=x["vs"], pg_advantages=x["pg_advantages"])
+    args = (x["target_log_prob"], x["entropy"], x["values"], returns)
+    plain = losses.impala_loss(*args, behaviour_log_prob=behaviour)
+    clipped = losses.impala_loss(*args, behaviour_log_prob=behaviour, policy_clip=0.2)
+    assert plain.policy.item() == pytest.approx(
+        losses.policy_gradient_loss(x["target_log_prob"], x["pg_advantages"]).item(), rel=1e-12)
+    assert clipped.policy.item() == pytest.approx(losses.clipped_policy_gradient_loss(
+        x["target_log_prob"], behaviour, x["pg_advantages"], 0.2).item(), rel=1e-12)
+    assert clipped.baseline.item() == plain.baseline.item() and clipped.entropy.item() == plain.entropy.item()
+    with pytest.raises(ValueError, match="behaviour_log_prob"):
+        losses.impala_loss(*args, policy_clip=0.2)
+    with pytest.raises(ValueError, match="policy_clip must be > 0, got 0"):
+        losses.clipped_policy_gradient_loss(x["target_log_prob"], behaviour, x["pg_advantages"], 0.0)
