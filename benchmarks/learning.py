@@ -75,6 +75,7 @@ MINATAR_PAPER = {  # game: (DQN, AC(lambda=0.8)) at 5M frames
 }
 MINATAR_GAMES = tuple(MINATAR_PAPER)
 MINATAR_TARGETS = {"Breakout": 15.0}  # the target of the issue that added MinAtar
+MINATAR_CONFIGS = {"Asterix": "configs/minatar_asterix.yaml", "Freeway": "configs/minatar_freeway.yaml"}  # a game's own settings, read after minatar.yaml
 
 
 def minatar_references(game: str) -> tuple[Reference, ...]:
@@ -94,12 +95,17 @@ TASKS: dict[str, Task] = {
                                ("--model.use_lstm=false",)),
     **{
         f"minatar_{game.lower()}": Task("configs/minatar.yaml", 5e6, 2, MINATAR_TARGETS.get(game),
-                                        minatar_references(game), (f"--data.env_id=MinAtar/{game}-v1",))
+                                        minatar_references(game),
+                                        (f"--config={MINATAR_CONFIGS[game]}",) if game in MINATAR_CONFIGS
+                                        else (f"--data.env_id=MinAtar/{game}-v1",))
         for game in MINATAR_GAMES
     },
     "halfcheetah": Task("configs/mujoco.yaml", 5e6, 2, 1500.0,
                         (Reference("PPO", 1442.6, 1e6, CLEANRL_MUJOCO.format(env="HalfCheetah")),),
                         ("--data.env_backend=envpool",)),
+    "halfcheetah_appo": Task("configs/mujoco.yaml", 5e6, 2, 1500.0,
+                             (Reference("PPO", 1442.6, 1e6, CLEANRL_MUJOCO.format(env="HalfCheetah")),),
+                             ("--config=configs/mujoco_appo.yaml", "--data.env_backend=envpool")),
     "hopper": Task("configs/mujoco.yaml", 5e6, 2, None,
                    (Reference("PPO", 2382.9, 1e6, CLEANRL_MUJOCO.format(env="Hopper")),),
                    ("--data.env_id=Hopper-v5", "--data.env_backend=envpool")),
@@ -108,12 +114,14 @@ TASKS: dict[str, Task] = {
 
 def updates_for(frames: float, config: Path, overrides: tuple[str, ...]) -> int:
     """``trainer.max_steps`` that learns from ``frames`` env frames: batches of ``unroll_length x batch_size``
-    frames, ``passes_per_batch`` updates each (config values, else the data module's defaults)."""
+    frames, ``passes_per_batch`` updates each (the config's values, then those of any ``--config=`` override file
+    and ``--data.*=`` override in order, else the data module's defaults)."""
     import yaml
 
-    data = (yaml.safe_load(config.read_text()) or {}).get("data", {})
-    defaults = {"unroll_length": 20, "batch_size": 32, "passes_per_batch": 1}
-    values = {key: data.get(key, default) for key, default in defaults.items()}
+    values = {"unroll_length": 20, "batch_size": 32, "passes_per_batch": 1}
+    for path in (config, *(Path(o) for o in map(override_config, overrides) if o is not None)):
+        data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
+        values.update({key: data[key] for key in values if key in data})
     for override in overrides:
         for key in values:
             if override.startswith(f"--data.{key}="):
@@ -122,12 +130,19 @@ def updates_for(frames: float, config: Path, overrides: tuple[str, ...]) -> int:
     return batches * values["passes_per_batch"]
 
 
+def override_config(override: str) -> str | None:
+    """The repository path of a ``--config=configs/x.yaml`` override (a second config file, read after the
+    task's), or None for any other override."""
+    return str(REPO / override.split("=", 1)[1]) if override.startswith("--config=") else None
+
+
 def run_seed(task: Task, seed: int, frames: float, workdir: Path) -> dict:
     """One ``fit`` process; returns its curve read back from the CSV log: frames, return, wall seconds."""
     config = REPO / task.config
     updates = updates_for(frames, config, task.overrides)
     command = [
-        sys.executable, "-m", "lit_impala", "fit", "--config", str(config), *task.overrides,
+        sys.executable, "-m", "lit_impala", "fit", "--config", str(config),
+        *(f"--config={override_config(o)}" if override_config(o) else o for o in task.overrides),
         f"--seed_everything={seed}", f"--trainer.max_steps={updates}", "--episode_stats.stop_at_return=null",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=csv",
         "--trainer.logger.init_args.name=run",
