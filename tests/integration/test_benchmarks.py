@@ -95,3 +95,8 @@ def test_learning_budgets_count_frames_not_updates():
     assert learning.updates_for(5e6, config, ()) == 7813  # 640 frames per batch
     assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4",)) == 4 * 7813
     assert learning.updates_for(5e6, config, ("--data.batch_size=8",)) == 31250
+    # an overlay file given as --config=...: its data section counts, read after the task's config
+    assert learning.updates_for(5e6, config, ("--config=configs/mujoco_appo.yaml",)) == 4 * 7813
+    assert learning.override_config("--config=configs/mujoco_appo.yaml") == str(learning.REPO / "configs" /
+                                                                                   "mujoco_appo.yaml")
+    assert learning.override_config("--data.env_id=Hopper-v5") is None
