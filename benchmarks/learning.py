@@ -110,6 +110,9 @@ TASKS: dict[str, Task] = {
     "hopper": Task("configs/mujoco.yaml", 5e6, 2, None,
                    (Reference("PPO", 2382.9, 1e6, CLEANRL_MUJOCO.format(env="Hopper")),),
                    ("--data.env_id=Hopper-v5", "--data.env_backend=envpool")),
+    "hopper_appo": Task("configs/mujoco.yaml", 5e6, 2, None,
+                        (Reference("PPO", 2382.9, 1e6, CLEANRL_MUJOCO.format(env="Hopper")),),
+                        ("--config=configs/mujoco_appo.yaml", "--data.env_id=Hopper-v5", "--data.env_backend=envpool")),
 }
 
 
