@@ -79,7 +79,8 @@ def clipped_policy_gradient_loss(
     Why: one V-trace step may move the policy arbitrarily far from the one that acted; the clip takes the
     gradient away from every step whose ratio has already moved more than ``eps`` in the advantage's
     direction, so several updates on one batch (``data.passes_per_batch``) cannot run away from the data.
-    Its gradient at ``ratio == 1`` is that of ``policy_gradient_loss``.
+    Its gradient at ``ratio == 1`` is that of ``policy_gradient_loss``. The advantages keep V-trace's
+    ``min(rho_bar, rho_t)`` factor, as RLlib's APPO keeps it: near on-policy (our lag is a few updates) it is ~1.
 
     Args:
         target_log_prob: ``[T, B]`` log pi(a_t|x_t) under the learner policy (carries the gradient).
