@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, print_table, write_result
+from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, OneLineErrorParser, print_table, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -307,7 +307,8 @@ def run_task(name: str, task: Task, frames: float, seeds: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="python -m benchmarks.learning", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=None,
                         help=f"comma-separated, from: {', '.join(TASKS)} (default: all; with --replot, all run so far)")
     parser.add_argument("--frames", type=float, default=None, help="env frames per seed (default: the task's)")
@@ -317,6 +318,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="run nothing: redraw the plots and rows from the curves already in results/learning "
                              "(after a change to a task's references or target)")
     args = parser.parse_args(argv)
+    if args.frames is not None and not args.frames > 0:
+        parser.error(f"--frames must be > 0, got {args.frames:g}")
+    if args.seeds is not None and args.seeds < 1:
+        parser.error(f"--seeds must be >= 1, got {args.seeds}")
     results_dir = Path(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR))
     out = results_dir / "learning"
     if args.tasks:
@@ -326,6 +331,10 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [n for n in names if n not in TASKS]
     if unknown:
         parser.error(f"unknown task(s) {unknown}; known: {', '.join(TASKS)}")
+    if args.replot:
+        missing = [n for n in names if not (out / f"{n}.json").exists()]
+        if missing:
+            parser.error(f"--replot: no curves for {', '.join(missing)} in {out}: run the task first")
     out.mkdir(parents=True, exist_ok=True)
     summary_path = results_dir / "learning.json"
     rows = {row["task"]: row for row in (json.loads(summary_path.read_text()).get("rows", [])
@@ -333,10 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in names:
         task = TASKS[name]
         if args.replot:
-            saved = out / f"{name}.json"
-            if not saved.exists():
-                parser.error(f"--replot: no curves for {name} in {saved}: run the task first")
-            curves = json.loads(saved.read_text())["curves"]
+            curves = json.loads((out / f"{name}.json").read_text())["curves"]
         else:
             curves = run_task(name, task, args.frames or task.frames, args.seeds or task.seeds)
         row = summarize(name, task, curves)

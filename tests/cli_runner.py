@@ -43,8 +43,10 @@ def run_lit_impala(
     interrupt_after_s: float | None = None,
     interrupt_signal: int = signal.SIGINT,
     interrupt_times: int = 1,
+    module: str = "lit_impala",
 ) -> CliRun:
     """Run ``python -m lit_impala *args`` in ``cwd``; SIGKILL its process group and fail after ``timeout_s``.
+    ``module``: another command of the project run the same way (``benchmarks.learning``).
 
     ``interrupt_after_s``: send ``interrupt_signal`` to the whole process group (what Ctrl-C in a
     terminal does) once the run is that old and has child processes; ``interrupt_times`` times, 0.5 s apart.
@@ -57,7 +59,7 @@ def run_lit_impala(
     out_path, err_path = Path(cwd) / ".cli_stdout", Path(cwd) / ".cli_stderr"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         start = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", "lit_impala", *args], cwd=cwd, stdout=out, stderr=err,
+        process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=out, stderr=err,
                                    stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
         parent = psutil.Process(process.pid)
         descendants: dict[int, str] = {}
@@ -82,7 +84,7 @@ def run_lit_impala(
             if elapsed > timeout_s:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
-                pytest.fail(f"`lit_impala {' '.join(args)}` did not finish in {timeout_s} s:\n"
+                pytest.fail(f"`{module} {' '.join(args)}` did not finish in {timeout_s} s:\n"
                             f"{out_path.read_text()[-3000:]}\n{err_path.read_text()[-3000:]}")
             time.sleep(0.05)
         wall_s = time.monotonic() - start

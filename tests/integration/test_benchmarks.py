@@ -2,11 +2,13 @@
 live in the benchmarks' own output, not in timed tests)."""
 
 import json
+import re
 
 import pytest
 
 from benchmarks import ceiling, collector, fit, learning, vtrace
 from benchmarks.common import RESULTS_DIR_VARIABLE
+from tests.cli_runner import assert_all_gone, run_lit_impala
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
@@ -58,35 +60,62 @@ def test_fit_benchmark_measures_a_window(results_in_tmp):
 
 
 def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_path):
-    """A tiny budget of the real thing: one seed of the shipped CartPole config in its own process."""
+    """A tiny budget of the real thing, as typed: ``python -m benchmarks.learning`` runs one seed of the shipped
+    CartPole config in a ``fit`` process of its own, prints the table and writes a PNG, a JSON curve and a row."""
     import matplotlib.image
 
-    result = learning.main(["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme"])
+    run = run_lit_impala(["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme"], tmp_path,
+                         timeout_s=300, module="benchmarks.learning")
+    assert run.returncode == 0, run.tail()
+    assert re.search(r"^cartpole seed 0: [\d.-]+ after [\d,]+ frames, \d+ s$", run.stdout, re.M), run.tail()
+    assert "Learning: mean return of the last 100 episodes" in run.stdout and "Traceback" not in run.output
+    assert "updated the table" not in run.stdout  # --no-readme
+    assert_all_gone(run.descendants)  # the fit process and its actors
     png = results_in_tmp / "learning" / "cartpole.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     height, width, _ = matplotlib.image.imread(png).shape  # a PNG matplotlib can read back
     assert width > 300 and height > 100
-    assert png.stat().st_size < 200_000  # small enough to commit
+    assert png.stat().st_size < 100_000  # small enough to commit
     curves = json.loads((results_in_tmp / "learning" / "cartpole.json").read_text())
     (curve,) = curves["curves"]
     assert len(curve["return"]) >= 2 and curve["env_frames"] == sorted(curve["env_frames"])
     assert 0 < curve["env_frames"][-1] <= 40000 + 640 and all(s > 0 for s in curve["train_seconds"])
-    row = read(results_in_tmp, "learning")["rows"][0]
-    assert row == result["rows"][0] and row["task"] == "cartpole" and row["seeds"] == 1
+    result = read(results_in_tmp, "learning")
+    (row,) = result["rows"]
+    assert row == curves["row"] and row["task"] == "cartpole" and row["seeds"] == 1
     assert row["final_return_mean"] == curve["return"][-1] > 0
+    assert not list(tmp_path.glob("learning_*")) and not (tmp_path / "runs").exists()  # scratch dirs are gone
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
     assert learning.update_readme(result["table_markdown"], readme)
     text = readme.read_text()
     assert "old" not in text and "| cartpole | 1 |" in text and text.startswith("before") and text.endswith("after\n")
+    assert "![cartpole](benchmarks/results/learning/cartpole.png)" in text
     # The published reference sits next to ours, with its budget, a plain verdict and its source under the table.
     assert "PPO 490.04 at 0.5M [1]" in text and "[1] CleanRL ppo.py, CartPole-v1" in text
     assert row["versus_references"].startswith("below PPO (490.04 at 0.5M)")
     # --replot redraws the plot and the row from the saved curve without running anything.
     png.unlink()
-    replotted = learning.main(["--replot", "--no-readme"])
-    assert [r["task"] for r in replotted["rows"]] == ["cartpole"] and replotted["rows"][0] == row
+    replot = run_lit_impala(["--replot", "--no-readme"], tmp_path, timeout_s=120, module="benchmarks.learning")
+    assert replot.returncode == 0, replot.tail()
+    assert " seed 0: " not in replot.stdout and "Learning: mean return" in replot.stdout  # no fit process ran
+    replotted = read(results_in_tmp, "learning")["rows"]
+    assert [r["task"] for r in replotted] == ["cartpole"] and replotted[0] == row
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--tasks", "cartpole,nope"], "unknown task(s) ['nope']"),
+    (["--frames", "-1"], "--frames must be > 0, got -1"),
+    (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--replot", "--tasks", "hopper"], "--replot: no curves for hopper"),
+])
+def test_learning_benchmark_bad_input_is_one_line_and_exit_2(arguments, message, results_in_tmp, tmp_path):
+    run = run_lit_impala(arguments, tmp_path, timeout_s=60, module="benchmarks.learning")
+    assert run.returncode == 2, run.tail()
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"python -m benchmarks.learning: error: {message}"), run.tail()
+    assert not run.descendants and not results_in_tmp.exists()  # nothing ran, nothing written
 
 
 def test_learning_budgets_count_frames_not_updates():
