@@ -75,7 +75,7 @@ MINATAR_PAPER = {  # game: (DQN, AC(lambda=0.8)) at 5M frames
 }
 MINATAR_GAMES = tuple(MINATAR_PAPER)
 MINATAR_TARGETS = {"Breakout": 15.0}  # the target of the issue that added MinAtar
-# A game's own settings (its entropy bonus), in a file read after minatar.yaml.
+# A game's own settings (its entropy bonus; Seaquest's discount and lr too), in a file read after minatar.yaml.
 MINATAR_CONFIGS = {"Asterix": "configs/minatar_asterix.yaml", "Freeway": "configs/minatar_freeway.yaml",
                    "Seaquest": "configs/minatar_seaquest.yaml"}
 

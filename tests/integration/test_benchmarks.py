@@ -64,8 +64,10 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     CartPole config in a ``fit`` process of its own, prints the table and writes a PNG, a JSON curve and a row."""
     import matplotlib.image
 
+    scratch = tmp_path / "tmp"  # where the benchmark makes each task's scratch directory
+    scratch.mkdir()
     run = run_lit_impala(["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme"], tmp_path,
-                         timeout_s=300, module="benchmarks.learning")
+                         timeout_s=300, env={"TMPDIR": str(scratch)}, module="benchmarks.learning")
     assert run.returncode == 0, run.tail()
     assert re.search(r"^cartpole seed 0: [\d.-]+ after [\d,]+ frames, \d+ s$", run.stdout, re.M), run.tail()
     assert "Learning: mean return of the last 100 episodes" in run.stdout and "Traceback" not in run.output
@@ -84,7 +86,7 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     (row,) = result["rows"]
     assert row == curves["row"] and row["task"] == "cartpole" and row["seeds"] == 1
     assert row["final_return_mean"] == curve["return"][-1] > 0
-    assert not list(tmp_path.glob("learning_*")) and not (tmp_path / "runs").exists()  # scratch dirs are gone
+    assert not list(scratch.glob("learning_*")) and not (tmp_path / "runs").exists()  # the fit's files are gone
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
     assert learning.update_readme(result["table_markdown"], readme)
