@@ -24,9 +24,13 @@ from pathlib import Path
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins import CheckpointIO
 
 from lit_impala import interrupts, resume
 from lit_impala.callbacks import EpisodeStats, GracefulInterrupt
+from lit_impala.callbacks.run_control import wandb_run_id
+from lit_impala.checkpoint_io import CheckpointFiles
+from lit_impala.config import ConfigError
 from lit_impala.data import ImpalaDataModule
 from lit_impala.learner import ImpalaModule
 
@@ -45,32 +49,39 @@ TRAINER_DEFAULTS = {
 }
 
 
-class ConfigError(ValueError):
-    """A configuration the run cannot start with; ``main`` prints its message as one line, exit code 2."""
-
-
 class ImpalaCLI(LightningCLI):
+    resume_point: resume.ResumePoint | None = None  # the checkpoint this command starts from, read once
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
         parser.link_arguments("data.action_space", "model.action_space", apply_on="instantiate")
         # Progress, the recent episodes and the stop rule: always there, configured in its own section.
         parser.add_lightning_class_args(EpisodeStats, "episode_stats")
+        parser.add_argument(
+            "--trust_checkpoint", type=bool, default=False,
+            help="Unpickle everything in --ckpt_path, which runs any code the file holds: only for a checkpoint you "
+                 "made yourself or whose author you trust. Default: tensors and plain data only; a file holding "
+                 "anything else is refused unread.",
+        )
 
     def _parse_ckpt_path(self) -> None:
-        # LightningCLI applies the checkpoint's model hyper-parameters while parsing, before anything exists:
-        # read them ourselves, so that an unreadable file fails here with a message naming it and older
-        # checkpoint formats apply (resume.model_hparams).
-        if not self.config.get("subcommand"):
+        # LightningCLI reads the checkpoint's model hyper-parameters here, while parsing. We read the checkpoint
+        # once, for all that needs it (these hyper-parameters, the W&B run, the fit check, Lightning's restore):
+        # `last` or a directory as the newest intact checkpoint, safely (lit_impala.resume).
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
             return
-        ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
-        if not ckpt_path or not Path(ckpt_path).is_file():
-            return
+        config = self.config[subcommand]
+        trainer = config.get("trainer") or {}
         try:
-            hparams = resume.model_hparams(resume.load(ckpt_path))
+            self.resume_point = resume.find_resume_point(
+                config.get("ckpt_path"), checkpoint_dirs(trainer.get("callbacks")), config.get("trust_checkpoint"))
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        if hparams:
-            self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+        if self.resume_point is not None:
+            hparams = resume.model_hparams(self.resume_point.checkpoint)
+            if hparams:
+                self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
@@ -82,9 +93,7 @@ class ImpalaCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             trainer.callbacks = [c for c in trainer.callbacks if not _is_class(c, ProgressBar)]
         # A resumed run continues the W&B run that wrote its checkpoint: WandbLogger(id=...).
-        checkpoint_dirs = [c.init_args.dirpath for c in trainer.get("callbacks") or []
-                           if _is_class(c, ModelCheckpoint) and c.get("init_args", {}).get("dirpath")]
-        run_id = resume.continued_wandb_run(resume.checkpoint_path(config.get("ckpt_path"), checkpoint_dirs))
+        run_id = wandb_run_id(self.resume_point.checkpoint) if self.resume_point else None
         for logger in _logger_configs(trainer.get("logger")):
             if run_id and _is_class(logger, WandbLogger) and logger.init_args.get("id") is None:
                 logger.init_args.id = run_id
@@ -96,25 +105,41 @@ class ImpalaCLI(LightningCLI):
         except ValueError as error:
             raise ConfigError(str(error)) from error
 
+    def instantiate_trainer(self, **kwargs):
+        # Checkpoints written atomically in their own directory and read safely (lit_impala.checkpoint_io),
+        # unless the config brings a CheckpointIO of its own.
+        config = self.config_init.get(self.subcommand, self.config_init) if self.subcommand else self.config_init
+        plugins = (config.get("trainer") or {}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+            plugins.append(CheckpointFiles(trust=bool(config.get("trust_checkpoint"))))
+        return super().instantiate_trainer(**{"plugins": plugins, **kwargs})
+
     def before_fit(self) -> None:
         check_run_settings(self.trainer, self.model, self.datamodule)
-        self._check_checkpoint()
+        self._use_resume_point()
         prepare_wandb_loggers(self.trainer)
 
     def before_test(self) -> None:
-        self._check_checkpoint()
+        self._use_resume_point()
         prepare_wandb_loggers(self.trainer)
 
-    def _check_checkpoint(self) -> None:
-        """The checkpoint to resume from or test, checked before any actor process exists."""
-        checkpoint_dirs = [c.dirpath for c in self.trainer.checkpoint_callbacks
-                           if isinstance(c, ModelCheckpoint) and c.dirpath]
-        path = resume.checkpoint_path(self.config[self.subcommand].get("ckpt_path"), checkpoint_dirs)
-        if path is not None:
+    def _use_resume_point(self) -> None:
+        """Check the checkpoint against this network before any actor process exists, give Lightning the
+        file it resolved to (`last`: the newest intact one; None: start fresh) and the content already read."""
+        point = self.resume_point
+        if point is not None:
             try:
-                resume.check_fits(resume.load(path), path, self.model)
+                resume.check_fits(point, self.model)
             except ValueError as error:
                 raise ConfigError(str(error)) from error
+            if isinstance(self.trainer.strategy.checkpoint_io, CheckpointFiles):
+                self.trainer.strategy.checkpoint_io.hand_over(point.path, point.checkpoint)
+            if self.subcommand == "fit":  # `test` reports the checkpoint's update itself (TestReport)
+                resume.say(f"Resuming from {point.describe()}")
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        if ckpt_path not in resume.LIGHTNING_RESOLVES:
+            self.config_init[self.subcommand]["ckpt_path"] = None if point is None else str(point.path)
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -189,6 +214,12 @@ def _is_class(config, cls: type) -> bool:
     except (ImportError, AttributeError, ValueError):
         return False  # jsonargparse reports a bad class path itself
     return isinstance(found, type) and issubclass(found, cls)
+
+
+def checkpoint_dirs(callbacks) -> list[str]:
+    """The ``dirpath`` of each ``ModelCheckpoint`` among the trainer's callback configs (``class_path``)."""
+    return [c.init_args.dirpath for c in callbacks or []
+            if _is_class(c, ModelCheckpoint) and (c.get("init_args") or {}).get("dirpath")]
 
 
 def _logger_configs(logger) -> list:

@@ -16,12 +16,17 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeFloat, NonNegativ
 
 __all__ = [
     "ClosedUnitInterval",
+    "ConfigError",
     "NonNegativeFloat",
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
     "check_arguments",
 ]
+
+
+class ConfigError(ValueError):
+    """A configuration the run cannot start with; the CLI prints its message as one line, exit code 2."""
 
 
 def check_arguments(function: Callable, arguments: dict) -> None:

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lit_impala.callbacks import (
     ActorWeightSync,
+    CheckpointDirectoryLock,
     CheckpointFormat,
     EpisodeStats,
     FinalCheckpoint,
@@ -36,6 +37,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.episodes import EvalResult, run_episodes
+from lit_impala.schedule import fit_to_budget, linear_schedule
 from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
 log = logging.getLogger(__name__)
@@ -165,7 +167,8 @@ class ImpalaModule(L.LightningModule):
 
     def configure_callbacks(self):
         trainer = self.trainer
-        callbacks = [ActorWeightSync(), FinalCheckpoint(), GracefulInterrupt(), CheckpointFormat(), TestReport()]
+        callbacks = [ActorWeightSync(), FinalCheckpoint(), GracefulInterrupt(), CheckpointFormat(), TestReport(),
+                     CheckpointDirectoryLock()]
         if EpisodeStats.of(trainer) is None:  # the CLI adds a configured one (the `episode_stats` section)
             callbacks.append(EpisodeStats())
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
@@ -294,17 +297,17 @@ class ImpalaModule(L.LightningModule):
             momentum=hp.rmsprop_momentum,
         )
         # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
-        # measure an endless dataloader.
-        total_steps = self.trainer.max_steps
-        if hp.lr_decay and (total_steps is None or total_steps < 1):
-            raise ValueError(f"lr_decay needs trainer.max_steps >= 1 to decay over, got {total_steps}")
-        # Linear to 0 over the run (the paper), or constant; a scheduler either way, so that
-        # LearningRateMonitor logs it as `lr`.
-        schedule = torch.optim.lr_scheduler.LinearLR(
-            optimizer, start_factor=1.0, end_factor=0.0 if hp.lr_decay else 1.0,
-            total_iters=total_steps if hp.lr_decay else 1,
-        )
+        # measure an endless dataloader. Linear to 0 over the run (the paper), or constant.
+        schedule = linear_schedule(optimizer, self.trainer.max_steps, hp.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+
+    def on_train_start(self) -> None:
+        # After a checkpoint was restored: its schedule counts to the budget of the run that wrote it.
+        if self.trainer.lr_scheduler_configs and self.global_step > 0:
+            schedule = self.trainer.lr_scheduler_configs[0].scheduler
+            changed = fit_to_budget(schedule, self.global_step, self.trainer.max_steps, self.hparams.lr_decay)
+            if changed:
+                self.print(changed)
 
     # --- test: one whole episode per test batch, with the (checkpoint's) weights --------------------
 

@@ -26,6 +26,7 @@ class CliRun:
     descendants: set[int] = field(default_factory=set)  # every pid seen below the command's process
     spawned_actors: int = 0  # of those, multiprocessing children (actor processes, DDP's are not spawned)
     interrupted_after_s: float | None = None  # time from the signal to the exit
+    args: list[str] = field(default_factory=list)  # what was typed after `python -m <module>`
 
     @property
     def output(self) -> str:
@@ -96,6 +97,7 @@ def run_lit_impala(
         descendants=set(descendants),
         spawned_actors=sum("spawn_main" in cmdline for cmdline in descendants.values()),
         interrupted_after_s=None if interrupted_at is None else time.monotonic() - interrupted_at,
+        args=list(args),
     )
 
 

@@ -5,10 +5,16 @@ from lit_impala.callbacks.actor_sync import ActorWeightSync
 from lit_impala.callbacks.episode_stats import EpisodeStats, Progress
 from lit_impala.callbacks.evaluation import EvaluationCallback, TestReport
 from lit_impala.callbacks.progress import ProgressBar
-from lit_impala.callbacks.run_control import CheckpointFormat, FinalCheckpoint, GracefulInterrupt
+from lit_impala.callbacks.run_control import (
+    CheckpointDirectoryLock,
+    CheckpointFormat,
+    FinalCheckpoint,
+    GracefulInterrupt,
+)
 
 __all__ = [
     "ActorWeightSync",
+    "CheckpointDirectoryLock",
     "CheckpointFormat",
     "EpisodeStats",
     "EvaluationCallback",

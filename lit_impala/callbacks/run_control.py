@@ -1,4 +1,5 @@
-"""Run control: the final checkpoint, graceful Ctrl-C / SIGTERM, and what a checkpoint says about itself.
+"""Run control: the final checkpoint, graceful Ctrl-C / SIGTERM, one run per checkpoint directory, and what a
+checkpoint says about itself.
 
 ``CheckpointFormat`` writes ``checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": ...}``
 and refuses a checkpoint of a format this version cannot read, naming it. Formats: 1 (before
@@ -8,7 +9,11 @@ hyper-parameters; still read), 2 (progress counts in ``EpisodeStats``'s callback
 
 from __future__ import annotations
 
+import fcntl
+import logging
+import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -18,8 +23,11 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
 from lit_impala import interrupts
+from lit_impala.checkpoint_io import remove_partial_files
+from lit_impala.config import ConfigError
 
 CHECKPOINT_FORMAT = 2
+log = logging.getLogger(__name__)
 
 
 class FinalCheckpoint(L.Callback):
@@ -44,6 +52,72 @@ class FinalCheckpoint(L.Callback):
                 continue  # ModelCheckpoint.on_train_end saves last.ckpt itself
             path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
             trainer.save_checkpoint(path, weights_only=False)
+
+
+class CheckpointDirectoryLock(L.Callback):
+    """One run at a time per checkpoint directory: two runs of the same config would otherwise resume from and
+    overwrite each other's ``last.ckpt``.
+
+    While ``fit`` runs, rank 0 holds an exclusive ``flock`` on ``<dirpath>.lock`` (a file beside each
+    ``ModelCheckpoint`` directory, which Lightning would otherwise report as "not empty"). A second run that
+    wants the same directory stops before its actors start, with one line naming the directory and the run that
+    holds it (``ConfigError``: exit code 2). The kernel releases the lock when its process ends, however it ends,
+    so a job requeued after a kill takes the directory at once. Holding it, rank 0 removes the temporary files
+    that a killed writer left there (``checkpoint_io.remove_partial_files``).
+
+    Directories Lightning chooses itself (a ``ModelCheckpoint`` without ``dirpath``) are new for every run and
+    not locked. On a filesystem without ``flock`` the run goes on with a warning.
+    """
+
+    def __init__(self):
+        self._held: list[int] = []  # file descriptors of the locks this process holds
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # After Lightning launched the ranks (rank 0 is known) and before the checkpoint is restored or any
+        # actor starts.
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        directories = {Path(c.dirpath).resolve() for c in trainer.checkpoint_callbacks
+                       if isinstance(c, ModelCheckpoint) and c.dirpath and "://" not in str(c.dirpath)}
+        for directory in sorted(directories):
+            self._lock(directory)
+
+    def _lock(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        lock_path = directory.with_name(directory.name + ".lock")
+        descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(descriptor)
+            self.release()
+            raise ConfigError(
+                f"checkpoint directory {str(directory)!r} is in use by another run ({holder}): two runs would "
+                "resume from and overwrite each other's checkpoints. Wait for it to end, or give this run its own "
+                "directory (the ModelCheckpoint callback's dirpath)"
+            ) from None
+        except OSError as error:  # e.g. a network filesystem without locks
+            os.close(descriptor)
+            log.warning("cannot lock checkpoint directory %r (%s): make sure no other run uses it", str(directory),
+                        error)
+            return
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self._held.append(descriptor)
+        for leftover in remove_partial_files(directory):
+            log.info("removed %s, a checkpoint being written when its run was killed", leftover)
+
+    def release(self) -> None:
+        for descriptor in self._held:
+            os.close(descriptor)  # closing the last descriptor of the file releases the flock
+        self._held.clear()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.release()
 
 
 class GracefulInterrupt(L.Callback):

@@ -2,8 +2,10 @@
 through a ``python -m lit_impala`` subprocess."""
 
 import argparse
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +145,7 @@ BAD_INPUTS = [
     # checkpoints
     ("--ckpt_path=CORRUPT", "cannot be read"),
     ("--ckpt_path=OTHER_ENV", "was written for a different env or network"),
+    ("--ckpt_path=UNSAFE", "was refused unread: it holds a Python object that is not plain data (posix.system)"),
 ]
 TINY = ["--trainer.max_steps=4", "--data.num_actors=1", "--data.envs_per_actor=2", "--data.unroll_length=5",
         "--data.batch_size=2", "--trainer.logger=false"]
@@ -158,6 +161,24 @@ def other_env_checkpoint(directory):
     return directory / "last.ckpt"
 
 
+class RunsCode:
+    """A pickled object that runs a shell command when it is unpickled (what a hostile checkpoint holds)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def unsafe_checkpoint(directory):
+    """A real checkpoint's content plus an object that would create ``directory / "code_ran"`` if unpickled."""
+    checkpoint = torch.load(REPO / "tests" / "data" / "format1_cartpole_step30.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["note"] = RunsCode(f"touch {directory / 'code_ran'}")
+    torch.save(checkpoint, directory / "hostile.ckpt")
+    return directory / "hostile.ckpt"
+
+
 def resolve(override: str, directory) -> list[str]:
     if override == "CONFIG_WITH_UNKNOWN_KEY":
         config = directory / "typo.yaml"
@@ -169,6 +190,8 @@ def resolve(override: str, directory) -> list[str]:
         corrupt = directory / "corrupt.ckpt"
         corrupt.write_bytes(b"PK\x03\x04 half a checkpoint")
         return [f"--ckpt_path={corrupt}"]
+    if override == "--ckpt_path=UNSAFE":
+        return [f"--ckpt_path={unsafe_checkpoint(directory)}"]
     if override == "--ckpt_path=OTHER_ENV":
         return [f"--ckpt_path={other_env_checkpoint(directory / 'acrobot')}"]
     return override.split(" ")
@@ -198,6 +221,17 @@ def test_bad_input_is_one_line_and_exit_2_before_actors_start(bad_input_runs, ov
     # A short message: at most Lightning's few start-up lines (seed, GPU/TPU) before it.
     assert len(run.output.strip().splitlines()) <= 5, run.tail()
     assert run.spawned_actors == 0, "the error must come before any actor process starts"
+
+
+def test_a_hostile_checkpoint_runs_no_code(bad_input_runs):
+    """The refusal above comes before anything in the file is unpickled: the command it holds never ran (and
+    the same file with full unpickling does run it: the check can fail)."""
+    run = bad_input_runs["--ckpt_path=UNSAFE"]
+    (hostile,) = [arg.split("=", 1)[1] for arg in run.args if arg.startswith("--ckpt_path=")]
+    marker = Path(hostile).parent / "code_ran"
+    assert not marker.exists()
+    torch.load(hostile, weights_only=False)
+    assert marker.exists()
 
 
 def test_the_bad_input_table_is_large():

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from lit_impala.callbacks import EpisodeStats
+from lit_impala.checkpoint_io import read_checkpoint
 from tests.cli_runner import assert_all_gone, run_lit_impala
 from tests.conftest import REPO
 
@@ -121,6 +122,8 @@ def test_shipped_config_with_its_callbacks_ends_cleanly_on_two_ranks(configs, tm
     callbacks = shipped_callbacks(config)
     checkpoints = tmp_path / callbacks["ModelCheckpoint"]["dirpath"]
     assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["last.ckpt"], sorted(checkpoints.iterdir())
+    # Tensors and plain data only: it loads without unpickling anything (what --ckpt_path does by default).
+    assert read_checkpoint(checkpoints / "last.ckpt")["global_step"] == 3
     assert list((tmp_path / "runs" / "wandb").glob("offline-run-*")), "W&B offline run missing"
     if "EvaluationCallback" in callbacks and callbacks["EvaluationCallback"].get("record_video", True):
         # the final weights, evaluated by rank 0 after the last collective

@@ -202,3 +202,43 @@ def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(tmp_path, m
     assert probe.start["env_frames"] == last["callbacks"]["EpisodeStats"]["env_frames"]
     assert probe.start["lr"] == pytest.approx(last["lr_schedulers"][0]["_last_lr"][0])
     assert cli.trainer.global_step == last["global_step"] + 5
+
+
+def _logged_lr(csv_dir) -> dict[int, float]:
+    """``lr`` by step, as LearningRateMonitor logged it to the CSVLogger (the rate each update used)."""
+    import csv
+
+    (metrics,) = list(csv_dir.rglob("metrics.csv"))
+    with open(metrics) as file:
+        return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(file) if row.get("lr")}
+
+
+def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
+    """The issue's scenario as typed: 40 updates, then the same run extended to 80 with --ckpt_path last. The
+    restored schedule counted to 40 and trained the second half at lr 0; it now decays over the new budget."""
+    from tests.cli_runner import run_lit_impala
+
+    def fit(max_steps: int, *extra: str):
+        args = ["fit", "--config", CONFIG, "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+                f"--trainer.logger.save_dir={tmp_path / f'csv{max_steps}'}", "--trainer.log_every_n_steps=5",
+                "--trainer.enable_progress_bar=false", "--episode_stats.stop_at_return=null", "--data.envs_per_actor=8",
+                callbacks_arg(tmp_path / "ckpt"), f"--trainer.max_steps={max_steps}", *extra]
+        run = run_lit_impala(args, tmp_path)
+        assert run.returncode == 0, run.tail()
+        return run
+
+    fit(40)
+    extended = fit(80, "--ckpt_path=last")
+    assert f"Resuming from {tmp_path / 'ckpt' / 'last.ckpt'} (update 40, 25,600 env frames)" in extended.stdout
+    said = [line for line in extended.stdout.splitlines() if line.startswith("Learning rate:")]
+    assert said == ["Learning rate: the checkpoint's schedule decayed to 0 at update 40; this run's "
+                    "(trainer.max_steps=80) decays to 0 at update 80, so it goes on at 0.001 from update 40, as in a "
+                    "run given this budget from the start"], extended.stdout
+    first, second = _logged_lr(tmp_path / "csv40"), _logged_lr(tmp_path / "csv80")
+    assert max(first) == 39 and first[39] == pytest.approx(0.002 / 40)  # the first run decayed to ~0 by its end
+    steps = sorted(second)
+    assert steps[0] > 40 and steps[-1] == 79 and len(steps) == 8, second
+    rates = [second[step] for step in steps]
+    assert all(rate > 0 for rate in rates) and rates == sorted(rates, reverse=True), second
+    # a straight line to 0 at update 80: lr(step) = 0.002 * (1 - step / 80), as in a run given 80 from the start
+    assert rates == pytest.approx([0.002 * (1 - step / 80) for step in steps])

@@ -15,7 +15,8 @@ PACKAGE = REPO / "lit_impala"
 
 # Lowest first. A module's layer is that of the longest prefix listed here.
 LAYERS = [
-    ("lit_impala.core", "lit_impala.config", "lit_impala.interrupts", "lit_impala.video", "lit_impala.wandb_history"),
+    ("lit_impala.core", "lit_impala.config", "lit_impala.interrupts", "lit_impala.video", "lit_impala.wandb_history",
+     "lit_impala.checkpoint_io", "lit_impala.schedule"),
     ("lit_impala.schema",),
     ("lit_impala.envs",),
     ("lit_impala.actors", "lit_impala.episodes", "lit_impala.remote"),
