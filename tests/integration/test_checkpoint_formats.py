@@ -48,3 +48,18 @@ def test_a_checkpoint_of_a_later_format_is_refused_by_name(tmp_path):
     assert run.returncode == 2, run.tail()
     assert f"error: checkpoint '{path}' has format 99; this version of lit_impala reads formats 1 to 2" in run.stderr
     assert run.spawned_actors == 0
+
+
+def test_a_checkpoint_is_read_once_per_command(tmp_path, monkeypatch):
+    """Its hyper-parameters, its W&B run, the check that it fits, Lightning's restore: all from one read."""
+    from lit_impala.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    reads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda path, *args, **kwargs: reads.append(str(path)) or real_load(
+        path, *args, **kwargs))
+    cli = cli_main(["test", "--config", CONFIG, "--trainer.logger=false", "--data.test_episodes=2",
+                    f"--ckpt_path={FORMAT_1}"])
+    assert cli.model.checkpoint_step == 30  # the weights of that checkpoint were tested
+    assert reads == [str(FORMAT_1)]
