@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lit_impala.checkpoint_io import PARTIAL_SUFFIX, read_checkpoint
@@ -45,12 +46,14 @@ def partial_files(directory: Path) -> list[str]:
 
 def kill_during_a_write(args: list[str], cwd: Path, ckpt_dir: Path, env: dict, min_saves: int = 4,
                         timeout_s: float = 120.0) -> tuple[str, bool]:
-    """Start ``fit``; once it has written ``min_saves`` checkpoints, SIGKILL its whole process group the moment
-    a checkpoint is being written. Returns its output and whether the kill landed inside a write."""
+    """Start ``fit``; once it has written ``min_saves`` checkpoints, SIGKILL it (the learner, as a scheduler's
+    ``kill -9`` does) the moment a checkpoint is being written; its actors notice and exit. Returns its output
+    and whether the kill landed inside a write."""
     log_path = cwd / "killed.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "lit_impala", *args], cwd=cwd, stdout=log,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + timeout_s
         seen: set[str] = set()
@@ -59,15 +62,18 @@ def kill_during_a_write(args: list[str], cwd: Path, ckpt_dir: Path, env: dict, m
             assert time.monotonic() < deadline, f"fewer than {min_saves} writes seen:\n{log_path.read_text()}"
             seen.update(partial_files(ckpt_dir))
             time.sleep(0.0005)
+        children = psutil.Process(process.pid).children(recursive=True)
         while not partial_files(ckpt_dir):  # the next write
             assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
-        os.killpg(process.pid, signal.SIGKILL)
+        process.kill()
         process.wait(timeout=30)
+        inside = bool(partial_files(ckpt_dir))
+        assert_all_gone({child.pid for child in children}, within_s=15)  # orphaned actors exit by themselves
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    return log_path.read_text(), bool(partial_files(ckpt_dir))
+    return log_path.read_text(), inside
 
 
 @pytest.mark.slow
@@ -145,9 +151,14 @@ def test_a_second_run_of_the_same_config_cannot_take_the_checkpoint_directory(tm
             "to end, or give this run its own directory (the ModelCheckpoint callback's dirpath)"), second.tail()
         assert second.spawned_actors == 0, "refused before any actor started"
         assert first.poll() is None, "the first run goes on"
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
+        children = {child.pid for child in psutil.Process(first.pid).children(recursive=True)}
+        first.kill()  # the learner only: its actors notice and exit, its shared memory is released
         first.wait()
+        assert_all_gone(children, within_s=15)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
     # The kernel released the dead run's lock: a requeued job takes the directory and resumes.
     step = max(read_checkpoint(path)["global_step"] for path in ckpt_dir.glob("*.ckpt"))
     requeued = run_lit_impala(fit_args(ckpt_dir, f"--trainer.max_steps={step + 2}"), tmp_path)
