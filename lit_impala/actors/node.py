@@ -119,6 +119,7 @@ def _collect(rank: int, learner: str, store, settings: dict) -> None:
         scheme.init_on_receiver(model_id=model_id, context=collector, worker_idx=rank)
         scheme.connect()
     status = f"NODE_{rank}_status"
+    problems_told: set[str] = set()
     while True:
         instruction = _next_instruction(store, rank, learner, settings["timeout_s"])
         if instruction == b"continue":
@@ -126,7 +127,9 @@ def _collect(rank: int, learner: str, store, settings: dict) -> None:
             rollout = collector.next()
             problem = structure_problem(rollout, settings["rollout_fields"])
             if problem is not None:
-                log.warning("node %d: not sending a rollout the learner cannot receive: %s", rank, problem)
+                if problem not in problems_told:
+                    problems_told.add(problem)
+                    log.warning("node %d: not sending a rollout the learner cannot receive: %s", rank, problem)
                 store.set(status, b"rejected: " + problem.encode()[:_MAX_STATUS_BYTES])
             elif store.get("TRAINER_status") == b"alive":
                 rollout.isend(dst=0)

@@ -48,7 +48,7 @@ from torch import nn
 
 from lit_impala.actors.node import RemoteActingPolicy
 from lit_impala.actors.remote_roster import NodeRoster, gloo_reason, reap
-from lit_impala.actors.rollout_check import RolloutSpec, rollout_problem, sample_sizes_of, structure_of
+from lit_impala.actors.rollout_check import RolloutSpec, rollout_problem, structure_of
 
 if TYPE_CHECKING:
     from lit_impala.actors.torchrl_distributed import BoundDistributedCollector
@@ -57,7 +57,8 @@ log = logging.getLogger(__name__)
 
 _IDLE_SLEEP_S = 0.001  # between sweeps over the nodes when none had anything: don't burn the learner's core
 _ACK_POLL_S = 0.0002  # between looks for the nodes' weight acknowledgements (they come within milliseconds)
-_REJECTED_WARNING_EVERY_S = 10.0  # at most one warning per node this often about its dropped rollouts
+_REJECTED_WARNINGS_AT_ONCE = 3  # warnings about a node's first dropped rollouts; then ...
+_REJECTED_WARNING_EVERY_S = 10.0  # ... at most one per node this often
 
 
 class RemoteActors:
@@ -79,7 +80,7 @@ class RemoteActors:
 
     A rollout that fails ``rollout_check.rollout_problem`` (or that its node did not send because its
     structure differs from the receive buffer's) is dropped: ``rollouts_rejected`` counts them, a warning
-    (at most one per node every 10 s) names the node and the problem, and the node is asked for its next.
+    (its first 3, then at most one every 10 s) names the node and the problem, and the node is asked for its next.
 
     Why not torchrl's own iterator: in torchrl 0.14 ``DistributedCollector``'s async loop has no
     liveness check. It spins forever once every node is dead, may block forever on a dead node's
@@ -92,16 +93,16 @@ class RemoteActors:
     """
 
     def __init__(self, collector: BoundDistributedCollector, policy: RemoteActingPolicy,
-                 node_timeout_s: float = 60.0, version: int = 0):
+                 node_timeout_s: float = 60.0, version: int = 0, sample_sizes: tuple[int, ...] | None = None):
         self.collector = collector
         self.policy = policy  # the learner's CPU copy: what torchrl sends to the nodes
         self.node_timeout_s = node_timeout_s
         self.nodes = NodeRoster(getattr(collector, "jobs", None), collector.num_workers)
         self.restarts = 0  # a lost node cannot be restarted (see the module docstring)
         self.rollouts_rejected = 0  # rollouts dropped on arrival (or not sent by their node), see rollout_check
-        self.spec = RolloutSpec(structure_of(collector.receive_buffer(1)), sample_sizes_of(policy.network.distribution))
+        self.spec = RolloutSpec(structure_of(collector.receive_buffer(1)), sample_sizes)
         self._latest_version = version  # the newest version published: no rollout can carry a later one
-        self._rejected_warned: dict[int, tuple[float, int]] = {}  # rank -> (last warning's time, dropped since)
+        self._rejected_warned: dict[int, tuple[int, float, int]] = {}  # rank -> (warnings, last's time, unwarned)
         self._rollouts: Iterator[TensorDictBase] | None = None
         self._asked_at: dict[int, float] = {}  # rank -> when it was last asked for a rollout
         self._receives: dict[int, list] = {}  # rank -> gloo works of the rollout it was asked for
@@ -151,16 +152,16 @@ class RemoteActors:
         self._asked_at[rank] = time.monotonic()
 
     def _reject(self, rank: int, problem: str) -> None:
-        """Count a dropped rollout of node ``rank``; warn at most every 10 s per node."""
+        """Count a dropped rollout of node ``rank``; warn about its first 3, then at most every 10 s per node."""
         self.rollouts_rejected += 1
         now = time.monotonic()
-        last, since = self._rejected_warned.get(rank, (-_REJECTED_WARNING_EVERY_S, 0))
-        if now - last < _REJECTED_WARNING_EVERY_S:
-            self._rejected_warned[rank] = (last, since + 1)
+        warned, last, unwarned = self._rejected_warned.get(rank, (0, -_REJECTED_WARNING_EVERY_S, 0))
+        if warned >= _REJECTED_WARNINGS_AT_ONCE and now - last < _REJECTED_WARNING_EVERY_S:
+            self._rejected_warned[rank] = (warned, last, unwarned + 1)
             return
-        self._rejected_warned[rank] = (now, 0)
-        more = f" ({since} more dropped from it since the last warning)" if since else ""
-        log.warning("dropped a rollout from remote actor %s: %s; training goes on (rollouts_rejected: %d)%s",
+        self._rejected_warned[rank] = (warned + 1, now, 0)
+        more = f"; {unwarned} more dropped from it since the last warning" if unwarned else ""
+        log.warning("dropped a rollout from remote actor %s: %s; training goes on (rollouts_rejected: %d%s)",
                     self.nodes.name(rank), problem, self.rollouts_rejected, more)
 
     def _receive(self, rank: int) -> TensorDictBase | None:
@@ -273,5 +274,6 @@ class RemoteActors:
         finally:
             self.collector, self._rollouts = None, None
             reap(collector, timeout_s)
+            collector.release_store()  # stops listening
             self._receives.clear()
             self._orphans.clear()

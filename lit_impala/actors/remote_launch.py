@@ -21,6 +21,7 @@ from lit_impala.actors.node import DEFAULT_JOIN_TIMEOUT_S, RemoteActingPolicy, m
 from lit_impala.actors.remote import RemoteActors
 from lit_impala.actors.remote_network import default_bind_address
 from lit_impala.actors.remote_roster import reap
+from lit_impala.actors.rollout_check import sample_sizes_of
 from lit_impala.actors.torchrl_distributed import LAUNCHERS, BoundDistributedCollector, node_host_for
 from lit_impala.envs.factory import actor_seeds
 
@@ -150,4 +151,5 @@ def make_remote_collector(
     except BaseException:
         reap(collector, timeout_s=0.0)
         raise
-    return RemoteActors(collector, policy, node_timeout_s, version)
+    return RemoteActors(collector, policy, node_timeout_s, version,
+                        sample_sizes_of(getattr(network, "distribution", None)))

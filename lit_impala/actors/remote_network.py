@@ -78,9 +78,14 @@ def gloo_listens_on(address: str) -> Iterator[None]:
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``address`` (an IP address or a host name, resolved as a socket would) as an IP address; None if unknown."""
     try:
         return ipaddress.ip_address(address.split("%")[0])
     except ValueError:
+        pass
+    try:
+        return ipaddress.ip_address(socket.getaddrinfo(address, None, type=socket.SOCK_STREAM)[0][4][0].split("%")[0])
+    except (OSError, ValueError):
         return None
 
 

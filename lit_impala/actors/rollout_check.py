@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDictBase
 
 from lit_impala.core.distributions import ActionDistribution, Categorical, MultiCategorical
-from lit_impala.schema import BEHAVIOUR_LOG_PROB_KEY, POLICY_SAMPLE_KEY, POLICY_VERSION_KEY
+from lit_impala.schema import BEHAVIOUR_LOG_PROB_KEY, OBSERVATION_KEY, POLICY_SAMPLE_KEY, POLICY_VERSION_KEY
 
 LOG_PROB_TOLERANCE = 1e-5  # a log-probability above 0 by more than float error is corrupt
 
@@ -55,12 +55,14 @@ def structure_problem(rollout: TensorDictBase, fields: dict) -> str | None:
     missing, extra = [k for k in fields if k not in got], [k for k in got if k not in fields]
     if missing or extra:
         return f"keys differ: missing {missing}, unexpected {extra}"
-    for key, (shape, dtype) in fields.items():
-        if got[key][0] != tuple(shape):
-            return f"{_name(key)} has shape {list(got[key][0])}, expected {list(shape)}"
-        if got[key][1] != dtype:
-            return f"{_name(key)} has dtype {got[key][1]}, expected {dtype}"
-    return None
+    differ = [key for key, (shape, dtype) in fields.items() if got[key] != (tuple(shape), dtype)]
+    if not differ:
+        return None
+    key = OBSERVATION_KEY if OBSERVATION_KEY in differ else differ[0]
+    (shape, dtype), more = fields[key], f" (and {len(differ) - 1} more fields differ)" if len(differ) > 1 else ""
+    if got[key][0] != tuple(shape):
+        return f"{_name(key)} has shape {list(got[key][0])}, expected {list(shape)}{more}"
+    return f"{_name(key)} has dtype {got[key][1]}, expected {dtype}{more}"
 
 
 def rollout_problem(rollout: TensorDictBase, spec: RolloutSpec, latest_version: int) -> str | None:

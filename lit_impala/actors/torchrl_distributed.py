@@ -131,6 +131,9 @@ class BoundDistributedCollector(DistributedCollector):
                                            join_timeout_s)
             super().__init__(create_env_fn, policy, launcher=LAUNCHERS[launcher], tcp_port=self._admission.port,
                              weight_sync_schemes={"policy": scheme}, **kwargs)
+        except BaseException:
+            self.release_store()  # nodes that joined see the learner gone at once, not after their timeout
+            raise
         finally:
             self._admission.close()
 
@@ -241,6 +244,12 @@ class BoundDistributedCollector(DistributedCollector):
         """End the nodes' weight-receiver threads at once (a node's shutdown otherwise waits 5 s for each)."""
         for scheme in (self._weight_sync_schemes or {}).values():
             scheme._send_instruction("stop")
+
+    def release_store(self) -> None:
+        """Drop every reference to the store, so that it stops listening (once the last one is gone)."""
+        self._store_server = self._store = None
+        for scheme in (getattr(self, "_weight_sync_schemes", None) or {}).values():
+            scheme._learner_store = scheme._store = None
 
     def mark_lost(self, rank: int) -> None:
         """torchrl's ``shutdown`` waits for every node's goodbye: a lost node never says it."""
