@@ -170,7 +170,7 @@ class RemoteActors:
         deadline = time.monotonic() + self.node_timeout_s
         try:
             for work in self._receives.pop(rank):
-                # Bounded: a node that froze mid-transfer must not hold the learner (gloo's default: 30 min).
+                # Bounded: a node that froze mid-transfer must not hold the learner for the group's timeout.
                 work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
         except RuntimeError as error:
             self.nodes.drop(rank, f"its rollout did not arrive ({gloo_reason(error)})")

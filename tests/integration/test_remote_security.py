@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import lightning as L
 import psutil
@@ -22,6 +23,7 @@ from lit_impala.actors import admission
 from lit_impala.actors.admission import MAGIC, SECRET_ENV, new_secret
 from lit_impala.actors.remote_launch import find_free_port, make_remote_collector
 from lit_impala.core.networks import ActorCriticMLP
+from lit_impala.data import ImpalaDataModule
 from lit_impala.learner import ImpalaModule
 from tests.cli_runner import run_lit_impala
 from tests.conftest import REPO
@@ -84,7 +86,7 @@ def loopback_run(tmp_path_factory):
     strangers = _Strangers(port)
     run = run_lit_impala(
         ["fit", "--config", str(REPO / "configs" / "cartpole.yaml"), "--data.actors=remote", "--data.num_actors=2",
-         "--data.envs_per_actor=8", f"--data.remote_tcp_port={port}", "--trainer.max_steps=10",
+         "--data.envs_per_actor=8", f"--data.remote_tcp_port={port}", "--trainer.max_steps=6",
          "--episode_stats.stop_at_return=null", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
          "--trainer.enable_checkpointing=false", "--trainer.callbacks=null"],
         cwd=cwd, watch=strangers.watch,
@@ -106,7 +108,7 @@ def test_remote_actors_listen_on_loopback_only(loopback_run):
 def test_a_peer_without_the_secret_is_refused_and_training_goes_on(loopback_run):
     run, strangers = loopback_run
     assert run.returncode == 0, run.tail()
-    assert "Training stopped after 10 updates" in run.stdout, run.tail()
+    assert "Training stopped after 6 updates" in run.stdout, run.tail()
     assert set(strangers.addresses) == {"garbage", "forged proof"}, "the strangers never reached the gate"
     refused = f"refused a connection to the remote actors' admission port {strangers.port} from "
     assert f"{refused}{strangers.addresses['garbage']}: not a lit_impala node" in run.stderr
@@ -232,3 +234,11 @@ def test_external_actors_without_a_secret_stop_before_anything_starts(tmp_path, 
         "same on the learner and every node, but it is not set"), run.tail()
     assert run.spawned_actors == 0, "no actor process was started"
 
+
+
+def test_the_data_module_counts_rejected_rollouts_over_the_run():
+    data = ImpalaDataModule(actors="remote")
+    data.actors = SimpleNamespace(restarts=0, lost=1, rollouts_rejected=3, shutdown=lambda: None)
+    assert data.rollouts_rejected == 3
+    data.stop_actors()  # the count outlives the pool, as actors_lost does
+    assert (data.rollouts_rejected, data.actors_lost) == (3, 1)
