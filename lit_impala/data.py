@@ -19,6 +19,7 @@ from tensordict import TensorDictBase
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from lit_impala.actors.admission import secret_from_environment
 from lit_impala.actors.local import LocalActors
 from lit_impala.actors.pool import ActorPool
 from lit_impala.actors.remote_launch import make_remote_collector
@@ -101,8 +102,14 @@ class ImpalaDataModule(L.LightningDataModule):
             through shared memory) or ``remote`` (torchrl's ``DistributedCollector``: each actor is a
             torch.distributed node, possibly on another host; see ``actors.remote``).
         remote_launcher: ``mp`` (nodes as local processes), ``submitit`` (SLURM jobs) or ``external``
-            (nodes started by hand with ``python -m lit_impala.remote``).
-        remote_tcp_port: the learner's port for remote actors (None: a free one; needed for ``external``).
+            (nodes started by hand with ``python -m lit_impala.remote``; they and the learner need the same secret
+            in the environment variable ``LIT_IMPALA_REMOTE_SECRET``, at least 32 characters).
+        remote_tcp_port: the port remote actor nodes join the learner at, on ``remote_bind_address`` (None: a free
+            one; needed for ``external``). The store and gloo listen on free ports of the same address.
+        remote_bind_address: the address every socket of the learner for remote actors listens on. None:
+            ``127.0.0.1`` for ``mp`` (nothing outside this host can connect), this host name's address for
+            ``submitit``; ``external`` needs one (the address the nodes reach; ``0.0.0.0``: every interface).
+            Each node proves a shared secret before it gets anything (see README, Security).
         remote_backend: torch.distributed backend between learner and remote actors.
         slurm_kwargs: ``submitit.AutoExecutor`` parameters for ``remote_launcher: submitit``.
         remote_node_timeout_s: a remote actor node that delivers no rollout for this many seconds after
@@ -110,6 +117,9 @@ class ImpalaDataModule(L.LightningDataModule):
             process or SLURM job ends is lost at once). A lost node is named in a warning and training
             goes on with the others (``actors_lost`` counts them); with none left the run stops with an
             error naming each one. Nodes cannot be restarted into a running run (torchrl 0.14).
+        remote_join_timeout_s: every remote actor node must join within this many seconds (else the run stops
+            with an error naming the missing ranks); a node waits this long at most for the learner at any
+            point (keep it above the learner's longest pause, e.g. evaluation), then it ends by itself.
         env_backend: what steps the actors' envs: ``gymnasium`` (``SyncVectorEnv``, any gymnasium id) or
             ``envpool`` (C++ vectorised envs, ``pip install -e ".[envpool]"``: Atari, classic control, MuJoCo;
             the same episode boundaries, see ``envs.envpool``). Evaluation and ``test`` use gymnasium.
@@ -145,9 +155,11 @@ class ImpalaDataModule(L.LightningDataModule):
         actors: Literal["local", "remote"] = "local",
         remote_launcher: Literal["mp", "submitit", "external"] = "mp",
         remote_tcp_port: PositiveInt | None = None,
+        remote_bind_address: str | None = None,
         remote_backend: str = "gloo",
         slurm_kwargs: dict | None = None,
         remote_node_timeout_s: PositiveFloat = 60.0,
+        remote_join_timeout_s: PositiveFloat = 300.0,
         inference: Literal["actor", "server"] = "actor",
         inference_device: str | None = None,
         max_actor_restarts: NonNegativeInt = 3,
@@ -165,8 +177,13 @@ class ImpalaDataModule(L.LightningDataModule):
                 raise ValueError(f"inference_device: {inference_device!r} is not a torch device ({error})") from None
             if inference == "actor":
                 raise ValueError("inference_device is for inference: server (actors always act on their CPU)")
-        if actors == "remote" and remote_launcher == "external" and remote_tcp_port is None:
-            raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
+        if actors == "remote" and remote_launcher == "external":
+            if remote_tcp_port is None:
+                raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
+            if remote_bind_address is None:
+                raise ValueError("remote_launcher: external needs remote_bind_address, the address of this host the "
+                                 "actors connect to (127.0.0.1 when they run here, 0.0.0.0 for every interface)")
+            secret_from_environment()  # set and long enough, before anything starts
         self.save_hyperparameters()
         # Checked here, before any actor process exists; the facts flow into the model via the CLI.
         self.env_options = {
@@ -183,7 +200,7 @@ class ImpalaDataModule(L.LightningDataModule):
                 raise ValueError(f"env {env_id!r} differs between the envpool backend ({self.env_facts}) and "
                                  f"gymnasium, which evaluation uses ({gymnasium_facts})")
         self.actors: ActorPool | None = None
-        self._ended_pools: tuple[int, int] = (0, 0)  # (restarts, lost) of pools already shut down
+        self._ended_pools: tuple[int, int, int] = (0, 0, 0)  # (restarts, lost, rejected) of pools already shut down
 
     @property
     def env_seed(self) -> int:
@@ -210,6 +227,11 @@ class ImpalaDataModule(L.LightningDataModule):
         """Remote actor nodes lost so far in this run (see ``remote_node_timeout_s``)."""
         return self._ended_pools[1] + (self.actors.lost if self.actors is not None else 0)
 
+    @property
+    def rollouts_rejected(self) -> int:
+        """Remote actors' rollouts dropped so far in this run (non-finite values... see ``actors.rollout_check``)."""
+        return self._ended_pools[2] + getattr(self.actors, "rollouts_rejected", 0)
+
     def start_actors(self, network: nn.Module, network_factory, version: int = 0, rank: int = 0) -> None:
         """Start the actor pool, acting with ``network``'s weights tagged ``version``.
 
@@ -228,7 +250,8 @@ class ImpalaDataModule(L.LightningDataModule):
         if hp.actors == "remote":
             self.actors = make_remote_collector(
                 hp.env_id, network, network_factory, **common, launcher=hp.remote_launcher, backend=hp.remote_backend,
-                tcp_port=hp.remote_tcp_port, slurm_kwargs=hp.slurm_kwargs, node_timeout_s=hp.remote_node_timeout_s,
+                tcp_port=hp.remote_tcp_port, bind_address=hp.remote_bind_address, slurm_kwargs=hp.slurm_kwargs,
+                node_timeout_s=hp.remote_node_timeout_s, join_timeout_s=hp.remote_join_timeout_s,
             )
         else:
             self.actors = LocalActors(hp.env_id, network, network_factory, **common, sync_actors=hp.sync_actors,
@@ -243,7 +266,8 @@ class ImpalaDataModule(L.LightningDataModule):
         """Shut the actor processes down; safe to call more than once."""
         actors, self.actors = self.actors, None
         if actors is not None:
-            self._ended_pools = (self._ended_pools[0] + actors.restarts, self._ended_pools[1] + actors.lost)
+            self._ended_pools = (self._ended_pools[0] + actors.restarts, self._ended_pools[1] + actors.lost,
+                                 self._ended_pools[2] + getattr(actors, "rollouts_rejected", 0))
             actors.shutdown()
 
     def train_dataloader(self) -> DataLoader:

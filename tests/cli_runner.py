@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +46,14 @@ def run_lit_impala(
     interrupt_signal: int = signal.SIGINT,
     interrupt_times: int = 1,
     module: str = "lit_impala",
+    watch: Callable[[psutil.Process], None] | None = None,
 ) -> CliRun:
     """Run ``python -m lit_impala *args`` in ``cwd``; SIGKILL its process group and fail after ``timeout_s``.
     ``module``: another command of the project run the same way (``benchmarks.learning``).
 
     ``interrupt_after_s``: send ``interrupt_signal`` to the whole process group (what Ctrl-C in a
     terminal does) once the run is that old and has child processes; ``interrupt_times`` times, 0.5 s apart.
+    ``watch``: called with the command's process every 50 ms while it runs (to look at it from outside).
     """
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(cwd), **(env or {})}
     environment.pop("COLUMNS", None)
@@ -76,6 +79,8 @@ def run_lit_impala(
                             descendants[child.pid] = ""
             except psutil.Error:
                 pass
+            if watch is not None:
+                watch(parent)
             elapsed = time.monotonic() - start
             if (interrupt_after_s is not None and interrupts_sent < interrupt_times and descendants
                     and elapsed > interrupt_after_s + 0.5 * interrupts_sent):

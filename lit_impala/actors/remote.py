@@ -22,6 +22,13 @@ is still the exact log-probability of the sampled action under the parameters th
 (one forward pass computes both), so V-trace stays correct; only that step's ``policy_version``
 may be one update off.
 
+Every node joins through an admission gate that checks a shared secret before anything pickled crosses the
+network, and every socket listens on ``data.remote_bind_address`` only (``actors.torchrl_distributed``). After
+that the learner reads store bytes and tensors received into fixed buffers, and checks each rollout on
+arrival (``actors.rollout_check``): a rollout with non-finite values, a log-probability above 0, a version
+the learner never published or an action out of range is dropped with a warning naming its node, counted
+in ``rollouts_rejected``, and the node is asked for its next one.
+
 A lost node (its process died, its SLURM job ended, or it answered nothing for ``node_timeout_s``)
 is dropped with a warning naming it, and the run goes on with the others; when none is left, the
 stream raises an error naming each lost node and why. A node cannot be restarted into a running
@@ -33,18 +40,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
-from torchrl.collectors.distributed import DistributedCollector
 
 from lit_impala.actors.node import RemoteActingPolicy
-from lit_impala.actors.remote_roster import NodeRoster, gloo_reason, reap, stop_weight_receivers
+from lit_impala.actors.remote_roster import NodeRoster, gloo_reason, reap
+from lit_impala.actors.rollout_check import RolloutSpec, rollout_problem, structure_of
+
+if TYPE_CHECKING:
+    from lit_impala.actors.torchrl_distributed import BoundDistributedCollector
 
 log = logging.getLogger(__name__)
 
 _IDLE_SLEEP_S = 0.001  # between sweeps over the nodes when none had anything: don't burn the learner's core
 _ACK_POLL_S = 0.0002  # between looks for the nodes' weight acknowledgements (they come within milliseconds)
+_REJECTED_WARNINGS_AT_ONCE = 3  # warnings about a node's first dropped rollouts; then ...
+_REJECTED_WARNING_EVERY_S = 10.0  # ... at most one per node this often
 
 
 class RemoteActors:
@@ -64,23 +78,31 @@ class RemoteActors:
     gets a warning and is never asked again ("mp": its process is killed, should it still run); with
     none left, iterating or publishing raises ``RuntimeError`` naming each lost node.
 
+    A rollout that fails ``rollout_check.rollout_problem`` (or that its node did not send because its
+    structure differs from the receive buffer's) is dropped: ``rollouts_rejected`` counts them, a warning
+    (its first 3, then at most one every 10 s) names the node and the problem, and the node is asked for its next.
+
     Why not torchrl's own iterator: in torchrl 0.14 ``DistributedCollector``'s async loop has no
     liveness check. It spins forever once every node is dead, may block forever on a dead node's
     receive (a stale ``done`` status from the node's previous round is read as a new one), and its
     weight publish waits an hour for a dead node's acknowledgement and blocks in gloo's send to a
-    node that is frozen. This class speaks the same store protocol with torchrl's nodes unchanged
-    (``NODE_r_in``: ``continue``, ``NODE_r_status``: ``done``, rollouts by gloo send/recv; weights:
-    ``update_weights`` then an ``updated`` acknowledgement) but never blocks on one node. It relies on
-    torchrl internals: the collector's ``_store`` and receive buffers ``_tensordict_out``, and the
-    weight scheme's ``_store`` and ``_send_instruction``.
+    node that is frozen. This class speaks the same store protocol (``NODE_r_in``: ``continue``,
+    ``NODE_r_status``: ``done`` or ``rejected: why``, rollouts by gloo send/recv; weights:
+    ``update_weights`` then an ``updated`` acknowledgement) but never blocks on one node. torchrl's
+    internals it needs are behind ``actors.torchrl_distributed.BoundDistributedCollector``.
     """
 
-    def __init__(self, collector: DistributedCollector, policy: RemoteActingPolicy, node_timeout_s: float = 60.0):
+    def __init__(self, collector: BoundDistributedCollector, policy: RemoteActingPolicy,
+                 node_timeout_s: float = 60.0, version: int = 0, sample_sizes: tuple[int, ...] | None = None):
         self.collector = collector
         self.policy = policy  # the learner's CPU copy: what torchrl sends to the nodes
         self.node_timeout_s = node_timeout_s
         self.nodes = NodeRoster(getattr(collector, "jobs", None), collector.num_workers)
         self.restarts = 0  # a lost node cannot be restarted (see the module docstring)
+        self.rollouts_rejected = 0  # rollouts dropped on arrival (or not sent by their node), see rollout_check
+        self.spec = RolloutSpec(structure_of(collector.receive_buffer(1)), sample_sizes)
+        self._latest_version = version  # the newest version published: no rollout can carry a later one
+        self._rejected_warned: dict[int, tuple[int, float, int]] = {}  # rank -> (warnings, last's time, unwarned)
         self._rollouts: Iterator[TensorDictBase] | None = None
         self._asked_at: dict[int, float] = {}  # rank -> when it was last asked for a rollout
         self._receives: dict[int, list] = {}  # rank -> gloo works of the rollout it was asked for
@@ -114,22 +136,56 @@ class RemoteActors:
             if rank in self.nodes.live:
                 self._ask(rank)
 
-    def _ask(self, rank: int) -> None:
-        """Post the receive for node ``rank``'s next rollout, then ask the node for it."""
-        try:
-            # Raises at once if gloo already saw the node's connection close (it died).
-            self._receives[rank] = self.collector._tensordict_out[rank - 1].irecv(src=rank, return_premature=True)
-        except RuntimeError as error:
-            self.nodes.drop(rank, f"it cannot be reached ({gloo_reason(error)})")
-            return
+    def _ask(self, rank: int, post_receive: bool = True) -> None:
+        """Post the receive for node ``rank``'s next rollout, then ask the node for it (the receive posted
+        for a rollout the node did not send stays posted: ``post_receive=False``)."""
+        if post_receive:
+            try:
+                # Raises at once if gloo already saw the node's connection close (it died).
+                self._receives[rank] = self.collector.receive_buffer(rank).irecv(src=rank, return_premature=True)
+            except RuntimeError as error:
+                self.nodes.drop(rank, f"it cannot be reached ({gloo_reason(error)})")
+                return
         # Before "continue": a "done" left from the node's previous round must never read as this one's.
-        self.collector._store.set(f"NODE_{rank}_status", b"asked")
-        self.collector._store.set(f"NODE_{rank}_in", b"continue")
+        self.collector.store.set(f"NODE_{rank}_status", b"asked")
+        self.collector.store.set(f"NODE_{rank}_in", b"continue")
         self._asked_at[rank] = time.monotonic()
+
+    def _reject(self, rank: int, problem: str) -> None:
+        """Count a dropped rollout of node ``rank``; warn about its first 3, then at most every 10 s per node."""
+        self.rollouts_rejected += 1
+        now = time.monotonic()
+        warned, last, unwarned = self._rejected_warned.get(rank, (0, -_REJECTED_WARNING_EVERY_S, 0))
+        if warned >= _REJECTED_WARNINGS_AT_ONCE and now - last < _REJECTED_WARNING_EVERY_S:
+            self._rejected_warned[rank] = (warned, last, unwarned + 1)
+            return
+        self._rejected_warned[rank] = (warned + 1, now, 0)
+        more = f"; {unwarned} more dropped from it since the last warning" if unwarned else ""
+        log.warning("dropped a rollout from remote actor %s: %s; training goes on (rollouts_rejected: %d%s)",
+                    self.nodes.name(rank), problem, self.rollouts_rejected, more)
+
+    def _receive(self, rank: int) -> TensorDictBase | None:
+        """Node ``rank``'s rollout, whose send is complete; None if it never arrived (node dropped) or is
+        unfit to learn from (dropped and counted; the node is asked for its next)."""
+        deadline = time.monotonic() + self.node_timeout_s
+        try:
+            for work in self._receives.pop(rank):
+                # Bounded: a node that froze mid-transfer must not hold the learner for the group's timeout.
+                work.wait(timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        except RuntimeError as error:
+            self.nodes.drop(rank, f"its rollout did not arrive ({gloo_reason(error)})")
+            return None
+        rollout = self.collector.receive_buffer(rank).clone()
+        problem = rollout_problem(rollout, self.spec, self._latest_version)
+        if problem is None:
+            return rollout
+        self._reject(rank, problem)
+        self._ask(rank)
+        return None
 
     def _next_delivery(self) -> tuple[int, TensorDictBase]:
         """Wait for the next rollout, polling the live nodes round-robin; drop lost ones on the way."""
-        store = self.collector._store
+        store = self.collector.store
         while True:
             self.nodes.check_health()
             if not self.nodes.live:
@@ -139,15 +195,17 @@ class RemoteActors:
                 r for r in self.nodes.live if r <= self._last_served
             ]
             for rank in order:
-                if store.get(f"NODE_{rank}_status") == b"done":  # the node's send is complete
-                    try:
-                        for work in self._receives.pop(rank):
-                            work.wait()
-                    except RuntimeError as error:
-                        self.nodes.drop(rank, f"its rollout did not arrive ({gloo_reason(error)})")
+                status = store.get(f"NODE_{rank}_status")
+                if status == b"done":  # the node's send is complete
+                    rollout = self._receive(rank)
+                    if rollout is None:
                         break
                     self._last_served = rank
-                    return rank, self.collector._tensordict_out[rank - 1].clone()
+                    return rank, rollout
+                if status.startswith(b"rejected: "):  # the node did not send it: its receive stays posted
+                    self._reject(rank, status[len(b"rejected: "):].decode(errors="replace"))
+                    self._ask(rank, post_receive=False)
+                    break
                 silent_s = now - self._asked_at[rank]
                 if silent_s > self.node_timeout_s:
                     self.nodes.drop(rank, f"silent for {silent_s:.1f} s: no rollout since it was asked for one "
@@ -163,15 +221,15 @@ class RemoteActors:
         ``node_timeout_s`` (or dies meanwhile) is dropped instead.
         """
         self.policy.load_learner_weights(network, version)
+        self._latest_version = max(self._latest_version, version)
         self.nodes.check_health(force=True)
         if not self.nodes.live:
             raise self.nodes.none_left_error()
-        scheme = self.collector._weight_sync_schemes["policy"]
         weights = TensorDict.from_module(self.policy)  # what torchrl's scheme.send would extract
         sends: dict[int, list] = {}
         for rank in list(self.nodes.live):
             try:
-                scheme._send_instruction("receive", worker_ids=rank - 1)  # NODE_r_in: update_weights
+                self.collector.ask_to_receive_weights(rank)  # NODE_r_in: update_weights
                 # Not waited on here: gloo's send only completes once the node posted its receive.
                 sends[rank] = weights.isend(rank, return_early=True)
             except RuntimeError as error:
@@ -179,8 +237,7 @@ class RemoteActors:
         started = time.monotonic()
         while sends:
             for rank in list(sends):
-                if scheme._store.check([f"NODE_{rank}_out"]):
-                    scheme.sender_transports[rank - 1].wait_ack()  # reads (at once) and clears the ack
+                if self.collector.weights_acknowledged(rank):
                     works = sends.pop(rank)
                     try:
                         for work in works:
@@ -207,12 +264,16 @@ class RemoteActors:
             return
         try:
             self.nodes.check_health(force=True)
-            stop_weight_receivers(collector)
-            for rank in self.nodes.lost:  # torchrl waits for each node's goodbye: lost ones never say it
-                collector._store.set(f"NODE_{rank}_out", b"down")
+            try:
+                collector.stop_weight_receivers()
+            except Exception as error:  # noqa: BLE001 -- only a speed-up: shutdown works without it
+                log.debug("could not stop the weight receivers early: %r", error)
+            for rank in self.nodes.lost:
+                collector.mark_lost(rank)
             collector.shutdown()
         finally:
             self.collector, self._rollouts = None, None
             reap(collector, timeout_s)
+            collector.release_store()  # stops listening
             self._receives.clear()
             self._orphans.clear()

@@ -1,4 +1,5 @@
-"""Starting remote actor nodes: torchrl's ``DistributedCollector`` behind ``actors.remote.RemoteActors``.
+"""Starting remote actor nodes: torchrl's ``DistributedCollector`` (bound, admitted and with deadlines:
+``actors.torchrl_distributed``) behind ``actors.remote.RemoteActors``.
 
 ``launcher="mp"`` starts the nodes as local processes (one machine, tests), ``"submitit"`` as SLURM jobs,
 ``"external"`` waits for nodes started by hand (``python -m lit_impala.remote``) on any host that can
@@ -14,20 +15,19 @@ from functools import partial
 import torch
 from torch import nn
 from torchrl.collectors import Collector
-from torchrl.collectors.distributed import DistributedCollector
 
-from lit_impala.actors.node import RemoteActingPolicy, make_remote_env
+from lit_impala.actors.admission import new_secret, secret_from_environment
+from lit_impala.actors.node import DEFAULT_JOIN_TIMEOUT_S, RemoteActingPolicy, make_remote_env
 from lit_impala.actors.remote import RemoteActors
+from lit_impala.actors.remote_network import default_bind_address
 from lit_impala.actors.remote_roster import reap
+from lit_impala.actors.rollout_check import sample_sizes_of
+from lit_impala.actors.torchrl_distributed import LAUNCHERS, BoundDistributedCollector, node_host_for
 from lit_impala.envs.factory import actor_seeds
 
-# ours -> torchrl's: "external" nodes are started by hand; torchrl calls that mode "submitit_delayed".
-LAUNCHERS = {"mp": "mp", "submitit": "submitit", "external": "submitit_delayed"}
 
-
-def find_free_port(span: int = 3, attempts: int = 50) -> int:
-    """A TCP port ``p`` with ``p .. p + span - 1`` free now: ``DistributedCollector`` rendezvous on
-    ``p`` and puts its stores on ``p + 1`` and ``p + 2`` (those two move elsewhere if taken)."""
+def find_free_port(span: int = 1, attempts: int = 50) -> int:
+    """A TCP port ``p`` with ``p .. p + span - 1`` free now (for ``external`` nodes' ``--port``, chosen ahead)."""
     for _ in range(attempts):
         with socket.socket() as probe:
             probe.bind(("", 0))
@@ -59,8 +59,11 @@ def make_remote_collector(
     launcher: str = "mp",
     backend: str = "gloo",
     tcp_port: int | None = None,
+    bind_address: str | None = None,
+    secret: str | None = None,
     slurm_kwargs: dict | None = None,
     node_timeout_s: float = 60.0,
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
 ) -> RemoteActors:
     """Start ``num_actors`` actor nodes with torchrl's ``DistributedCollector``.
 
@@ -80,13 +83,20 @@ def make_remote_collector(
             ``"submitit"``: one SLURM job per node (``slurm_kwargs`` go to
             ``submitit.AutoExecutor.update_parameters``; needs ``pip install submitit``);
             ``"external"``: this call blocks until ``num_actors`` nodes started by hand joined,
-            each with ``python -m lit_impala.remote --learner HOST --port tcp_port --rank R
-            --world-size num_actors+1`` (R = 1..num_actors), on any host that reaches this one.
+            each with ``LIT_IMPALA_REMOTE_SECRET=... python -m lit_impala.remote --learner bind_address
+            --port tcp_port --rank R --world-size num_actors+1`` (R = 1..num_actors), on any host that reaches
+            this one.
         backend: torch.distributed backend for rollouts and weights (``"gloo"``: CPU tensors).
-        tcp_port: rendezvous port on the learner's host (torchrl also uses the next two); None:
-            a free one ("mp" and "submitit" only).
+        tcp_port: the admission port on ``bind_address`` (the store and gloo listen on free ports of the same
+            address); None: a free one ("mp" and "submitit" only).
+        bind_address: the address every socket of the learner listens on; None: ``127.0.0.1`` ("mp"), this
+            host name's address ("submitit"); "external" needs one (``0.0.0.0``: every interface).
+        secret: the secret every node must prove (see ``actors.admission``); None: a new one per call ("mp",
+            "submitit"), ``LIT_IMPALA_REMOTE_SECRET`` ("external").
         node_timeout_s: a node that delivers no rollout for this long after being asked for one, or
             does not acknowledge new weights within it, is lost (see ``RemoteActors``).
+        join_timeout_s: every node must join within this (else ``TimeoutError`` naming the missing ranks);
+            a node waits this long at most for the learner at any point (then it ends with an error).
 
     The learner process becomes rank 0 of torch.distributed's *default* process group (torchrl's
     design), so it cannot also be a DDP rank: remote actors need a single-process learner.
@@ -95,8 +105,14 @@ def make_remote_collector(
         raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
     if launcher == "external" and tcp_port is None:
         raise ValueError('launcher="external" needs the tcp_port the nodes were told to join')
-    if not node_timeout_s > 0:
-        raise ValueError(f"node_timeout_s must be > 0 (seconds), got {node_timeout_s!r}")
+    bind_address = bind_address or default_bind_address(launcher)
+    if bind_address is None:
+        raise ValueError('launcher="external" needs the bind_address the nodes were told to join')
+    if secret is None:
+        secret = secret_from_environment() if launcher == "external" else new_secret()
+    for name, seconds in (("node_timeout_s", node_timeout_s), ("join_timeout_s", join_timeout_s)):
+        if not seconds > 0:
+            raise ValueError(f"{name} must be > 0 (seconds), got {seconds!r}")
     if torch.distributed.is_initialized():
         raise RuntimeError(
             "remote actors make this process rank 0 of torch.distributed's default process group, "
@@ -109,12 +125,19 @@ def make_remote_collector(
         partial(make_remote_env, env_id, envs_per_actor, s, env_options) for s in actor_seeds(seed, num_actors, rank)
     ]
     frames_per_batch = envs_per_actor * unroll_length
-    # __new__ then __init__: if the rendezvous fails after nodes were launched, we still hold them.
-    collector = DistributedCollector.__new__(DistributedCollector)
+    # __new__ then __init__: if joining fails after nodes were launched, we still hold them.
+    collector = BoundDistributedCollector.__new__(BoundDistributedCollector)
     try:
         collector.__init__(
             env_fns,
-            policy,  # pickled to each node; RemoteActors.publish_weights sends its new weights
+            policy,  # pickled to each node once admitted; RemoteActors.publish_weights sends its new weights
+            launcher=launcher,
+            bind_address=bind_address,
+            port=tcp_port,
+            secret=secret,
+            join_timeout_s=join_timeout_s,
+            node_timeout_s=node_timeout_s,
+            node_host=node_host_for(launcher, bind_address),
             frames_per_batch=frames_per_batch,
             total_frames=-1,  # endless: our own loop never reads it
             collector_class=Collector,  # one batched env per node
@@ -123,11 +146,10 @@ def make_remote_collector(
             device="cpu",
             sync=False,
             backend=backend,
-            launcher=LAUNCHERS[launcher],
-            tcp_port=find_free_port() if tcp_port is None else tcp_port,
             slurm_kwargs=slurm_kwargs,
         )
     except BaseException:
         reap(collector, timeout_s=0.0)
         raise
-    return RemoteActors(collector, policy, node_timeout_s)
+    return RemoteActors(collector, policy, node_timeout_s, version,
+                        sample_sizes_of(getattr(network, "distribution", None)))

@@ -100,16 +100,6 @@ def _describe_exit(exitcode: int) -> str:
     return str(exitcode)
 
 
-def stop_weight_receivers(collector: DistributedCollector) -> None:
-    # A node's weight receiver thread waits for its next instruction in a blocking TCPStore.get, and
-    # the node's shutdown waits 5 s for that thread (torchrl 0.14): "stop" ends it at once.
-    for scheme in (getattr(collector, "_weight_sync_schemes", None) or {}).values():
-        try:
-            scheme._send_instruction("stop")
-        except Exception as error:  # noqa: BLE001 -- only a speed-up: shutdown works without it
-            log.debug("could not stop the weight receivers early: %r", error)
-
-
 def reap(collector: DistributedCollector, timeout_s: float) -> None:
     """Leave no "mp" node and no process group behind (torchrl joins nodes for 10 s, then moves on)."""
     deadline = time.monotonic() + timeout_s

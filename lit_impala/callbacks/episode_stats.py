@@ -38,9 +38,9 @@ class EpisodeStats(L.Callback):
     ``env_frames``, ``frames_per_second``, ``updates_per_second``, ``time/data_wait_fraction``,
     ``episode/return`` and ``episode/length`` (once an episode has finished; sums over DDP ranks),
     ``time/train_s`` (wall seconds since this process's first update began, for curves against wall time),
-    their histograms (this rank's episodes), ``actor_restarts`` and ``actors_lost``; ``frames``, ``fps``
-    and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets ``trainer.should_stop``,
-    so that Lightning writes the last update's row to the loggers.
+    their histograms (this rank's episodes), ``actor_restarts``, ``actors_lost`` and ``rollouts_rejected``;
+    ``frames``, ``fps`` and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets
+    ``trainer.should_stop``, so that Lightning writes the last update's row to the loggers.
 
     Args:
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
@@ -115,6 +115,7 @@ class EpisodeStats(L.Callback):
             "env_frames": progress.env_frames,
             "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
             "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
+            "rollouts_rejected": float(getattr(datamodule, "rollouts_rejected", 0)),
         }
         if self._train_start is not None:
             metrics["time/train_s"] = now - self._train_start

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,8 @@ import psutil
 import pytest
 import torch
 from torch.utils.data import DataLoader
-from torchrl.collectors.distributed import generic
 
+from lit_impala.actors.admission import SECRET_ENV, new_secret
 from lit_impala.actors.remote_launch import find_free_port, make_remote_collector
 from lit_impala.callbacks import EpisodeStats
 from lit_impala.core.networks import ActorCriticMLP
@@ -132,11 +131,11 @@ def test_remote_actors_feed_a_learner_and_leave_nothing_behind():
 
 def test_nodes_started_by_hand_join_an_external_learner(monkeypatch):
     # What a host list looks like: each host runs `python -m lit_impala.remote ...`, unrelated to
-    # the learner's process tree. Should a node fail to start, the learner's rendezvous must not
-    # wait torchrl's default 1000 days.
-    monkeypatch.setattr(generic, "MAX_TIME_TO_CONNECT", 120 / 86400)  # timedelta(days)
+    # the learner's process tree, with the run's secret in its environment. Should a node fail to
+    # start, the learner stops waiting after join_timeout_s.
+    monkeypatch.setenv(SECRET_ENV, new_secret())  # the learner's, and (inherited) the nodes'
     port = find_free_port()
-    host = socket.gethostbyname(socket.gethostname())  # where torchrl's learner listens
+    host = "127.0.0.1"  # the learner's bind address
     nodes = [
         subprocess.Popen([sys.executable, "-m", "lit_impala.remote", "--learner", host, "--port", str(port),
                           "--rank", str(rank), "--world-size", str(NUM_ACTORS + 1)])
@@ -147,6 +146,7 @@ def test_nodes_started_by_hand_join_an_external_learner(monkeypatch):
         actors = make_remote_collector(
             "CartPole-v1", network, partial(ActorCriticMLP, 4, 2), num_actors=NUM_ACTORS,
             envs_per_actor=ENVS_PER_ACTOR, unroll_length=UNROLL_LENGTH, launcher="external", tcp_port=port,
+            bind_address=host, join_timeout_s=120,
         )
         try:
             rollouts = iter(actors)
@@ -341,9 +341,9 @@ def test_a_frozen_remote_node_is_lost_after_the_silence_timeout():
 def test_a_dead_node_started_by_hand_is_dropped(monkeypatch):
     """No process handle for such a node: the learner sees it gone through gloo (its connection closed)
     or, at the latest, its silence; the stream goes on from the other node."""
-    monkeypatch.setattr(generic, "MAX_TIME_TO_CONNECT", 120 / 86400)  # timedelta(days)
+    monkeypatch.setenv(SECRET_ENV, new_secret())
     port = find_free_port()
-    host = socket.gethostbyname(socket.gethostname())
+    host = "127.0.0.1"
     nodes = [
         subprocess.Popen([sys.executable, "-m", "lit_impala.remote", "--learner", host, "--port", str(port),
                           "--rank", str(rank), "--world-size", "3"])
@@ -353,7 +353,7 @@ def test_a_dead_node_started_by_hand_is_dropped(monkeypatch):
         actors = make_remote_collector(
             "CartPole-v1", ActorCriticMLP(4, 2), partial(ActorCriticMLP, 4, 2), num_actors=2,
             envs_per_actor=ENVS_PER_ACTOR, unroll_length=UNROLL_LENGTH, launcher="external", tcp_port=port,
-            node_timeout_s=3.0,
+            bind_address=host, join_timeout_s=120, node_timeout_s=3.0,
         )
         try:
             rollouts = iter(actors)

@@ -48,6 +48,9 @@ def test_optional_thresholds_accept_none():
     ({"actors": "cloud"}, "actors must be one of ['local', 'remote'], got 'cloud'"),
     ({"actors": "remote", "sync_actors": True}, "sync_actors: true is for local actors"),
     ({"actors": "remote", "remote_launcher": "external"}, "remote_launcher: external needs remote_tcp_port"),
+    ({"remote_join_timeout_s": 0}, "remote_join_timeout_s must be a PositiveFloat, got 0"),
+    ({"actors": "remote", "remote_launcher": "external", "remote_tcp_port": 29500},
+     "remote_launcher: external needs remote_bind_address, the address of this host the actors connect to"),
 ])
 def test_the_data_module_names_a_bad_argument(kwargs, message):
     with pytest.raises(ValueError) as error:
