@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import re
 import sys
@@ -80,6 +81,12 @@ class ImpalaCLI(LightningCLI):
             raise ConfigError(str(error)) from error
         if self.resume_point is not None:
             hparams = resume.model_hparams(self.resume_point.checkpoint)
+            given = config.get("model") or {}
+            replaced = [f"model.{key}={given[key]!r} (the checkpoint's: {value!r})" for key, value in hparams.items()
+                        if key in given and given[key] != value and key not in ("observation_shape", "action_space")]
+            if replaced:  # LightningCLI's rule; said, so that a changed learning rate does not vanish silently
+                resume.say("The checkpoint's model hyper-parameters apply; not used from this command's config: "
+                           + ", ".join(replaced))
             if hparams:
                 self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
@@ -137,6 +144,10 @@ class ImpalaCLI(LightningCLI):
                 self.trainer.strategy.checkpoint_io.hand_over(point.path, point.checkpoint)
             if self.subcommand == "fit":  # `test` reports the checkpoint's update itself (TestReport)
                 resume.say(f"Resuming from {point.describe()}")
+                step, max_steps = point.checkpoint.get("global_step", 0), self.trainer.max_steps
+                if max_steps is not None and 0 <= max_steps <= step:
+                    resume.say(f"The checkpoint is at update {step} and trainer.max_steps is {max_steps}: nothing "
+                               "left to train (a larger --trainer.max_steps extends the run)")
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         if ckpt_path not in resume.LIGHTNING_RESOLVES:
             self.config_init[self.subcommand]["ckpt_path"] = None if point is None else str(point.path)
@@ -279,9 +290,13 @@ def fit_summary(trainer) -> list[str]:
     """What ``fit`` prints at the end: progress over all ranks, where the logs and checkpoints are."""
     stats = EpisodeStats.of(trainer)
     progress = stats.progress if stats is not None else None  # summed over DDP ranks
-    frames = int(progress.env_frames) if progress else 0
-    episodes = progress.episodes if progress else 0
-    mean_return = f"{progress.mean_return:.1f}" if episodes else "none finished"
+    if progress is None and stats is not None:  # no update in this run (a budget the checkpoint already reached)
+        frames, episodes, mean_return = stats.env_frames, len(stats.episode_returns), stats.mean_return
+    else:
+        frames = int(progress.env_frames) if progress else 0
+        episodes = progress.episodes if progress else 0
+        mean_return = progress.mean_return if progress else math.nan
+    mean_return = f"{mean_return:.1f}" if episodes else "none finished"
     lines = [f"Training stopped after {trainer.global_step} updates and {frames} env frames; "
              f"mean return of the last {episodes} episodes: {mean_return}."]
     for logger in trainer.loggers:

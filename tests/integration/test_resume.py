@@ -228,8 +228,11 @@ def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
         return run
 
     fit(40)
-    extended = fit(80, "--ckpt_path=last")
+    extended = fit(80, "--ckpt_path=last", "--model.lr=0.004")
     assert f"Resuming from {tmp_path / 'ckpt' / 'last.ckpt'} (update 40, 25,600 env frames)" in extended.stdout
+    # LightningCLI applies the checkpoint's model hyper-parameters: a changed one is said, not dropped silently
+    assert ("The checkpoint's model hyper-parameters apply; not used from this command's config: model.lr=0.004 "
+            "(the checkpoint's: 0.002)") in extended.stdout
     said = [line for line in extended.stdout.splitlines() if line.startswith("Learning rate:")]
     assert said == ["Learning rate: the checkpoint's schedule decayed to 0 at update 40; this run's "
                     "(trainer.max_steps=80) decays to 0 at update 80, so it goes on at 0.001 from update 40, as in a "
@@ -242,3 +245,9 @@ def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
     assert all(rate > 0 for rate in rates) and rates == sorted(rates, reverse=True), second
     # a straight line to 0 at update 80: lr(step) = 0.002 * (1 - step / 80), as in a run given 80 from the start
     assert rates == pytest.approx([0.002 * (1 - step / 80) for step in steps])
+
+    # The same command once more (a requeued job that had finished): nothing to do, said, and exit 0.
+    again = fit(80, "--ckpt_path=last")
+    assert ("The checkpoint is at update 80 and trainer.max_steps is 80: nothing left to train (a larger "
+            "--trainer.max_steps extends the run)") in again.stdout
+    assert "Training stopped after 80 updates and 51200 env frames" in again.stdout
