@@ -27,8 +27,14 @@ from lit_impala.actors.inference import InferenceService, make_served_policy
 from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.actors.policy import make_acting_policy
 from lit_impala.envs.factory import actor_seeds, make_vector_env
+from lit_impala.envs.finite import NonFiniteEnvData, nonfinite_report
 
 log = logging.getLogger(__name__)
+
+
+def _stopping(report: str) -> str:
+    return (f"{report}. Stopping: data.nonfinite_data=raise (with data.nonfinite_data=drop such steps end their "
+            "episode and their unrolls are dropped, and training goes on).")
 
 
 class LocalActors:
@@ -37,7 +43,8 @@ class LocalActors:
     When an actor process dies (killed, or its env raised), torchrl raises at once; all actors are then
     restarted with the newest published weights and version (the mailbox outlives them), up to
     ``max_restarts`` times in the run, and the stream goes on. After that, a ``RuntimeError`` names the env
-    and shows the actor's traceback.
+    and shows the actor's traceback. An actor stopped by non-finite env data (``envs.finite``) is not
+    restarted: the same env would do it again; its ``NonFiniteEnvData`` is raised here at once.
 
     Args:
         env_id: gymnasium id.
@@ -45,7 +52,7 @@ class LocalActors:
         network_factory: picklable callable building the same architecture (run in each actor).
         num_actors, envs_per_actor, unroll_length: processes, envs per process, steps per rollout.
         seed: base env seed; ``rank`` (DDP) and the actor index make each actor's seed distinct.
-        env_options: further ``make_vector_env`` options.
+        env_options: further ``make_vector_env`` options (``nonfinite_data``: see ``envs.finite``).
         sync_actors: all actors finish a round together (``MultiSyncCollector``), for debugging.
         max_restarts: restarts allowed in the run.
         inference: ``"actor"``: each actor runs its own CPU copy of the policy, weights through the mailbox;
@@ -95,7 +102,7 @@ class LocalActors:
         self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
         env_fns = [
             partial(make_vector_env, env_id, envs_per_actor, actor_seed, error_file=self._error_file(i),
-                    **(env_options or {}))
+                    actor=i, **(env_options or {}))
             for i, actor_seed in enumerate(actor_seeds(seed, num_actors, rank))
         ]
         self._make_collector = partial(
@@ -122,8 +129,11 @@ class LocalActors:
                 self.inference = InferenceService(**self._served)
                 clients = self.inference.clients
             self._collector = self._make_collector(policy_factory=self._policy_factories(clients))
-        except BaseException:
+        except BaseException as error:
+            report = self._nonfinite_report()  # a non-finite first observation: torchrl re-raises it here
             self.shutdown()
+            if report is not None:
+                raise NonFiniteEnvData(_stopping(report)) from error
             raise
 
     def __iter__(self) -> Iterator[TensorDictBase]:
@@ -132,6 +142,9 @@ class LocalActors:
                 yield from self._collector
                 return
             except RuntimeError as error:
+                report = self._nonfinite_report()
+                if report is not None:
+                    raise NonFiniteEnvData(_stopping(report)) from error
                 why = self._actor_tracebacks() or f"{error} (no Python traceback: killed or crashed)"
                 if self.restarts >= self.max_restarts:
                     raise RuntimeError(
@@ -182,6 +195,9 @@ class LocalActors:
             with open(os.path.join(self._error_dir, name)) as f:
                 texts.append(f"{name.removesuffix('.traceback')} of env {self.env_id!r} raised:\n{f.read()}")
         return "\n".join(texts)
+
+    def _nonfinite_report(self) -> str | None:
+        return nonfinite_report(self._actor_tracebacks())
 
     def _clear_actor_tracebacks(self) -> None:
         for name in os.listdir(self._error_dir):

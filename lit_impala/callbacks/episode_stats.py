@@ -40,7 +40,8 @@ class EpisodeStats(L.Callback):
     ``time/train_s`` (wall seconds since this process's first update began, for curves against wall time),
     their histograms (this rank's episodes), ``actor_restarts`` and ``actors_lost``; ``frames``, ``fps``
     and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets ``trainer.should_stop``,
-    so that Lightning writes the last update's row to the loggers.
+    so that Lightning writes the last update's row to the loggers. Also logged: ``unrolls_dropped``
+    (``data.nonfinite_data: drop``).
 
     Args:
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
@@ -115,6 +116,7 @@ class EpisodeStats(L.Callback):
             "env_frames": progress.env_frames,
             "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
             "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
+            "unrolls_dropped": float(getattr(datamodule, "unrolls_dropped", 0)),
         }
         if self._train_start is not None:
             metrics["time/train_s"] = now - self._train_start

@@ -1,0 +1,129 @@
+"""Non-finite env data: caught in the actor's env where it is produced (``envs.finite``)."""
+
+import math
+import re
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import tests.faulty_envs  # noqa: F401  (registers the NaN envs)
+from lit_impala.envs.factory import make_vector_env
+from lit_impala.envs.finite import FiniteCheck, NonFiniteEnvData, nonfinite_report
+from lit_impala.schema import NONFINITE_KEY
+from tests.faulty_envs import NONFINITE_AT_STEP
+
+NAN_OBSERVATION = "tests.faulty_envs:NaNObservationPendulum-v0"
+NAN_REWARD = "tests.faulty_envs:NaNRewardCartPole-v0"
+
+
+def steps(env, n: int) -> list[TensorDict]:
+    """``n`` random steps as an actor takes them (finished sub-envs reset); each step's TensorDict."""
+    root, out = env.reset(), []
+    for _ in range(n):
+        step, root = env.step_and_maybe_reset(env.rand_action(root))
+        out.append(step.clone())
+    out.append(root.clone())  # what the policy sees next
+    return out
+
+
+# --- at the source ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "env_id, what", [(NAN_OBSERVATION, r"observation \(nan in 1 of 3 components\)"), (NAN_REWARD, r"reward \(nan\)")]
+)
+def test_raise_names_the_env_the_actor_the_sub_env_its_step_and_what(env_id, what):
+    env = make_vector_env(env_id, 3, seed=0, actor=1)
+    with pytest.raises(NonFiniteEnvData) as error:
+        steps(env, NONFINITE_AT_STEP)
+    expected = (rf"actor 1 of env '{env_id}': sub-env 0 returned a non-finite {what} at its step {NONFINITE_AT_STEP} "
+                r"\(and 2 more sub-envs at the same step\)")
+    assert re.fullmatch(expected, str(error.value)), str(error.value)
+    env.close()
+
+
+def test_in_an_actor_raise_leaves_the_traceback_for_the_learner_and_ends_the_process(tmp_path):
+    error_file = tmp_path / "actor1.traceback"
+    env = make_vector_env(NAN_REWARD, 1, seed=0, actor=1, error_file=str(error_file))
+    with pytest.raises(SystemExit) as exit_info:  # multiprocessing prints its message as one line, exit code 1
+        steps(env, NONFINITE_AT_STEP)
+    assert "reward (nan) at its step 100: this actor stops" in str(exit_info.value.code)
+    text = error_file.read_text()
+    assert "Traceback" in text
+    assert nonfinite_report(text) == f"actor 1 of env '{NAN_REWARD}': sub-env 0 returned a non-finite reward (nan) " \
+                                     f"at its step {NONFINITE_AT_STEP}"
+    assert nonfinite_report("Traceback ...\nRuntimeError: boom") is None
+    env.close()
+
+
+@pytest.mark.parametrize("env_id", [NAN_OBSERVATION, NAN_REWARD])
+def test_drop_zeroes_the_values_ends_the_episode_and_marks_the_step(env_id, caplog):
+    torch.manual_seed(0)  # the random actions
+    env = make_vector_env(env_id, 2, seed=0, actor=0, nonfinite_data="drop")
+    taken = steps(env, NONFINITE_AT_STEP + 1)
+    marked = torch.stack([step.get(("next", NONFINITE_KEY)) for step in taken[:-1]])  # [steps, sub-envs]
+    assert marked.nonzero().tolist() == [[NONFINITE_AT_STEP - 1, 0], [NONFINITE_AT_STEP - 1, 1]]
+    bad = taken[NONFINITE_AT_STEP - 1]["next"]
+    for key in ("observation", "reward", "episode_reward"):  # RewardSum added a 0, not the NaN
+        assert torch.isfinite(bad[key]).all(), key
+    assert bad["done"].all() and torch.equal(bad["truncated"], ~bad["terminated"])  # truncated, unless it ended
+    after = taken[NONFINITE_AT_STEP]  # the policy's next input: a fresh episode, unmarked
+    assert after["is_init"].all() and not after[NONFINITE_KEY].any() and (after["step_count"] == 0).all()
+    assert not any(step.get(NONFINITE_KEY).any() for step in taken)
+    assert f"actor 0 of env '{env_id}': sub-env 0 returned a non-finite" in caplog.text
+    assert "(and 1 more sub-envs at the same step): replaced by 0, the episode ends there" in caplog.text
+    assert env.transform[0].dropped == 2
+    env.close()
+
+
+def test_reset_observations_are_checked_too():
+    with pytest.raises(NonFiniteEnvData, match="sub-env 0 returned a non-finite observation .* at its first reset"):
+        make_vector_env("tests.faulty_envs:NaNFirstResetPendulum-v0", 2, seed=0).reset()
+    # drop: the first observation of the second episode (Pendulum's episodes last 200 steps) is 0, and marked
+    env = make_vector_env("tests.faulty_envs:NaNResetPendulum-v0", 1, seed=0, nonfinite_data="drop")
+    taken = steps(env, 201)
+    assert taken[199]["next", "truncated"].all() and not taken[199]["next", NONFINITE_KEY].any()
+    second_episode = taken[200]
+    assert second_episode["is_init"].all() and second_episode[NONFINITE_KEY].all()
+    assert (second_episode["observation"] == 0).all()
+    assert not any(step[NONFINITE_KEY].any() for step in taken[:200])
+    env.close()
+
+
+class _NaNRewardsAt:
+    """Wraps an envpool env: the reward of env 1 is NaN at step ``at``."""
+
+    def __init__(self, env, at: int):
+        self.env, self.at, self.steps = env, at, 0
+
+    def step(self, action):
+        observation, reward, terminated, truncated, info = self.env.step(action)
+        self.steps += 1
+        if self.steps == self.at:
+            reward = reward.copy()
+            reward[1] = math.nan
+        return observation, reward, terminated, truncated, info
+
+    def __getattr__(self, name):
+        return getattr(self.env, name)
+
+
+def test_the_envpool_backend_gets_the_same_check():
+    pytest.importorskip("envpool")
+    # envpool's envs are C++: a NaN is injected between envpool and its torchrl wrapper.
+    env = make_vector_env("Pendulum-v1", 2, seed=0, backend="envpool", nonfinite_data="drop", actor=3)
+    assert isinstance(env.transform[0], FiniteCheck)
+    env.base_env._env = _NaNRewardsAt(env.base_env._env, at=5)
+    taken = steps(env, 6)
+    assert taken[4]["next", NONFINITE_KEY].tolist() == [False, True]
+    assert taken[4]["next", "truncated"].squeeze(-1).tolist() == [False, True]
+    assert torch.isfinite(taken[4]["next", "episode_reward"]).all()
+    assert taken[5]["is_init"].squeeze(-1).tolist() == [False, True]
+    env.close()
+
+    env = make_vector_env("Pendulum-v1", 2, seed=0, backend="envpool", actor=3)
+    env.base_env._env = _NaNRewardsAt(env.base_env._env, at=5)
+    with pytest.raises(NonFiniteEnvData, match="actor 3 of env 'Pendulum-v1': sub-env 1 returned a non-finite reward"):
+        steps(env, 5)
+    env.close()
