@@ -1,4 +1,5 @@
-"""Non-finite env data: caught in the actor's env where it is produced (``envs.finite``)."""
+"""Non-finite env data: caught in the actor's env where it is produced (``envs.finite``), never in the
+learner's observation statistics."""
 
 import math
 import re
@@ -10,7 +11,8 @@ from tensordict import TensorDict
 import tests.faulty_envs  # noqa: F401  (registers the NaN envs)
 from lit_impala.envs.factory import make_vector_env
 from lit_impala.envs.finite import FiniteCheck, NonFiniteEnvData, nonfinite_report
-from lit_impala.schema import NONFINITE_KEY
+from lit_impala.learner import ImpalaModule
+from lit_impala.schema import NONFINITE_KEY, REPLAYED_KEY
 from tests.faulty_envs import NONFINITE_AT_STEP
 
 NAN_OBSERVATION = "tests.faulty_envs:NaNObservationPendulum-v0"
@@ -127,3 +129,74 @@ def test_the_envpool_backend_gets_the_same_check():
     with pytest.raises(NonFiniteEnvData, match="actor 3 of env 'Pendulum-v1': sub-env 1 returned a non-finite reward"):
         steps(env, 5)
     env.close()
+
+
+# --- the learner's observation statistics ----------------------------------------------------------------
+
+
+def batch(observation: torch.Tensor, replayed: bool = False) -> TensorDict:
+    """A learner batch ``[B, T]`` of a 1-D observation, discrete actions, no episode end."""
+    B, T = observation.shape[:2]
+    zeros = torch.zeros(B, T, 1)
+    return TensorDict(
+        {
+            "observation": observation,
+            "is_init": zeros.bool(),
+            "policy_sample": torch.zeros(B, T, dtype=torch.int64),
+            "behaviour_log_prob": torch.full((B, T), -math.log(2)),
+            "policy_version": torch.zeros(B, T, dtype=torch.int64),
+            "next": {"observation": observation + 1, "reward": zeros + 1, "terminated": zeros.bool(),
+                     "truncated": zeros.bool(), "episode_reward": zeros, "step_count": zeros.long()},
+            REPLAYED_KEY: torch.full((B, T), replayed),
+        },
+        batch_size=[B, T],
+    )
+
+
+def learner_update(model: ImpalaModule, data: TensorDict, poison_gradient: bool = False) -> None:
+    """One update as Lightning's automatic optimisation runs it: optimizer_step runs the closure (training_step,
+    backward, then the guard in configure_gradient_clipping) and then the optimizer."""
+    optimizer = torch.optim.RMSprop(model.network.parameters(), lr=1e-3)
+
+    def closure():
+        loss = model.training_step(data, 0)
+        optimizer.zero_grad()
+        loss.backward()
+        if poison_gradient:
+            next(model.network.parameters()).grad.fill_(math.nan)
+        model.configure_gradient_clipping(optimizer)
+        return loss
+
+    model.optimizer_step(0, 0, optimizer, closure)
+
+
+def statistics(model: ImpalaModule) -> list[torch.Tensor]:
+    normalizer = model.network.normalizer
+    return [normalizer.mean.clone(), normalizer.var.clone(), normalizer.count.clone()]
+
+
+def test_the_observation_statistics_learn_only_from_applied_updates():
+    model = ImpalaModule(observation_shape=[1], action_space={"type": "discrete", "n": 2}, normalize_observations=True)
+    observation = torch.arange(12.0).reshape(3, 4, 1)
+    learner_update(model, batch(observation))
+    mean, var, count = statistics(model)
+    assert count == 12 and mean.item() == pytest.approx(5.5) and var.item() == pytest.approx(143 / 12)
+    before = statistics(model)
+    learner_update(model, batch(observation + 100), poison_gradient=True)  # skipped: non-finite gradient
+    learner_update(model, batch(observation + 100, replayed=True))  # applied, but these frames counted already
+    poisoned = observation.clone()
+    poisoned[1, 2, 0] = math.nan
+    learner_update(model, batch(poisoned))  # a NaN observation: a NaN loss, skipped
+    assert model.nonfinite_updates == 2
+    for saved, now in zip(before, statistics(model), strict=True):
+        assert torch.equal(saved, now)
+
+
+def test_the_observation_statistics_take_only_finite_rows():
+    model = ImpalaModule(observation_shape=[2], action_space={"type": "discrete", "n": 2}, normalize_observations=True)
+    observation = torch.ones(2, 3, 2)
+    observation[0, 1, 0] = math.inf
+    model.network.normalizer.forward = lambda x: torch.nan_to_num(x, posinf=0.0)  # a finite loss all the same
+    learner_update(model, batch(observation))
+    mean, var, count = statistics(model)
+    assert count == 5 and torch.equal(mean, torch.ones(2, dtype=torch.float64)) and torch.isfinite(var).all()
