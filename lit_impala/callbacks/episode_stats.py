@@ -41,7 +41,8 @@ class EpisodeStats(L.Callback):
     their histograms (this rank's episodes), ``actor_restarts`` and ``actors_lost``; ``frames``, ``fps``
     and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets ``trainer.should_stop``,
     so that Lightning writes the last update's row to the loggers. Also logged: ``unrolls_dropped``
-    (``data.nonfinite_data: drop``).
+    (``data.nonfinite_data: drop``). An episode whose return or length is not finite never enters the window
+    (``nonfinite_episodes`` counts them).
 
     Args:
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
@@ -57,6 +58,7 @@ class EpisodeStats(L.Callback):
         self.env_frames = 0  # env steps consumed by this rank's learner
         self.episode_returns: deque[float] = deque(maxlen=return_window)
         self.episode_lengths: deque[float] = deque(maxlen=return_window)
+        self.nonfinite_episodes = 0  # finished episodes left out of the window for a NaN or infinite return
         self.progress: Progress | None = None  # over all ranks, as of the last update
         self._clock: tuple[float, float, int, float] | None = None  # (time, frames, step, waited) at the last log
         self._batch_end_time: float | None = None
@@ -92,8 +94,11 @@ class EpisodeStats(L.Callback):
             self.env_frames += trajectory.reward.numel()
             done = trajectory.done
             if done.any():
-                self.episode_returns.extend(trajectory.episode_return[done].tolist())
-                self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+                # A non-finite return would make the window's mean NaN until it leaves (no stop rule): skipped.
+                finite = torch.isfinite(trajectory.episode_return) & torch.isfinite(trajectory.episode_length.float())
+                self.nonfinite_episodes += int((done & ~finite).sum())
+                self.episode_returns.extend(trajectory.episode_return[done & finite].tolist())
+                self.episode_lengths.extend(trajectory.episode_length[done & finite].tolist())
         progress = self.progress = self._across_ranks(trainer, pl_module.device)
         target = self.stop_at_return
         if target is not None and progress.windows_full and progress.mean_return >= target:

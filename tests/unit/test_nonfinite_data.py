@@ -1,14 +1,16 @@
 """Non-finite env data: caught in the actor's env where it is produced (``envs.finite``), never in the
-learner's observation statistics."""
+learner's observation statistics, never in the stop rule's window."""
 
 import math
 import re
+from types import SimpleNamespace
 
 import pytest
 import torch
 from tensordict import TensorDict
 
 import tests.faulty_envs  # noqa: F401  (registers the NaN envs)
+from lit_impala.callbacks import EpisodeStats
 from lit_impala.envs.factory import make_vector_env
 from lit_impala.envs.finite import FiniteCheck, NonFiniteEnvData, nonfinite_report
 from lit_impala.learner import ImpalaModule
@@ -200,3 +202,22 @@ def test_the_observation_statistics_take_only_finite_rows():
     learner_update(model, batch(observation))
     mean, var, count = statistics(model)
     assert count == 5 and torch.equal(mean, torch.ones(2, dtype=torch.float64)) and torch.isfinite(var).all()
+
+
+# --- the stop rule's window ---------------------------------------------------------------------------------
+
+
+def test_nonfinite_returns_never_enter_the_window_and_the_stop_rule_still_fires():
+    stats = EpisodeStats(stop_at_return=15.0, return_window=2)
+    trainer = SimpleNamespace(world_size=1, max_steps=-1, global_step=1, should_stop=False, log_every_n_steps=50,
+                              datamodule=None)
+    module = SimpleNamespace(device=torch.device("cpu"), loggers=[], print=lambda *_: None,
+                             log=lambda *_, **__: None, log_dict=lambda *_, **__: None)
+    data = batch(torch.zeros(3, 2, 1))
+    data["next", "terminated"][:, 1] = True  # three episodes end at the last step
+    data["next", "episode_reward"][:, 1, 0] = torch.tensor([10.0, math.nan, 20.0])
+    data["next", "step_count"][:, 1, 0] = 2
+    stats.on_train_batch_end(trainer, module, None, data, 0)
+    assert list(stats.episode_returns) == [10.0, 20.0] and list(stats.episode_lengths) == [2, 2]
+    assert stats.nonfinite_episodes == 1
+    assert stats.progress.mean_return == 15.0 and trainer.should_stop
