@@ -136,8 +136,12 @@ class ImpalaDataModule(L.LightningDataModule):
             for a learner with a GPU, where per-actor CPU copies of a large network are the limit.
         inference_device: device of the served policy (``inference: server``); None: the learner's device.
         max_actor_restarts: local actors: when an actor process dies (killed, or its env raised), all
-            actors are restarted with the current weights and training goes on, this many times in the
-            run; then the run stops with an error naming the env and showing the actor's traceback.
+            actors are restarted with the current weights and training goes on, this many times within
+            ``actor_restart_window_s``; one more stops the run with an error naming the env and showing the
+            actor's traceback.
+        actor_restart_window_s: seconds over which ``max_actor_restarts`` counts restarts (older ones no longer
+            count: 3 per hour lets a long run on a flaky node live, and stops an env that keeps crashing);
+            None: over the whole run.
         nonfinite_data: what a NaN or infinite reward or float observation from an env does (checked in the
             actor, at every step and reset). ``raise``: the run stops at once with an error naming the env,
             the actor, the sub-env and its step (no restart: the env would do it again). ``drop``: the values
@@ -173,6 +177,7 @@ class ImpalaDataModule(L.LightningDataModule):
         inference: Literal["actor", "server"] = "actor",
         inference_device: str | None = None,
         max_actor_restarts: NonNegativeInt = 3,
+        actor_restart_window_s: PositiveFloat | None = 3600.0,
         nonfinite_data: Literal["raise", "drop"] = "raise",
     ):
         super().__init__()
@@ -261,7 +266,8 @@ class ImpalaDataModule(L.LightningDataModule):
             )
         else:
             self.actors = LocalActors(hp.env_id, network, network_factory, **common, sync_actors=hp.sync_actors,
-                                      max_restarts=hp.max_actor_restarts, inference=hp.inference,
+                                      max_restarts=hp.max_actor_restarts, restart_window_s=hp.actor_restart_window_s,
+                                      inference=hp.inference,
                                       inference_device=hp.inference_device)
 
     def publish_weights(self, network: nn.Module, version: int) -> None:
