@@ -6,7 +6,8 @@ module into the model, never written by hand.
 
 ``main`` is the command's entry point: a configuration error (an unknown or ill-typed argument, a value
 our classes refuse, an unusable checkpoint) is one ``error: ...`` line on stderr and exit code 2, as
-argparse does, before any actor process starts. ``LIT_IMPALA_FULL_ERROR=1`` shows the traceback instead.
+argparse does, before any actor process starts; an env's non-finite data (``envs.finite``) is one line and exit
+code 1. ``LIT_IMPALA_FULL_ERROR=1`` shows the traceback instead.
 ``cli_main`` is the same CLI for Python callers (tests, notebooks): it raises.
 """
 
@@ -33,6 +34,7 @@ from lit_impala.callbacks.run_control import wandb_run_id
 from lit_impala.checkpoint_io import CheckpointFiles
 from lit_impala.config import ConfigError
 from lit_impala.data import ImpalaDataModule
+from lit_impala.envs.finite import NonFiniteEnvData
 from lit_impala.learner import ImpalaModule
 
 FULL_ERROR_ENV = "LIT_IMPALA_FULL_ERROR"  # "1": a configuration error shows its traceback (as HYDRA_FULL_ERROR)
@@ -191,6 +193,11 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except NonFiniteEnvData as error:  # the message names env, actor, sub-env and step: the traceback adds nothing
+        if os.environ.get(FULL_ERROR_ENV) == "1":
+            raise
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 _RESTRICTED = re.compile(

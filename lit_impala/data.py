@@ -25,7 +25,7 @@ from lit_impala.actors.pool import ActorPool
 from lit_impala.actors.remote_launch import make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import action_space_spec, describe_env
-from lit_impala.schema import BATCH_KEYS, REPLAYED_KEY
+from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY
 
 
 def _identity(batch):
@@ -36,15 +36,17 @@ class UnrollStream(IterableDataset):
     """Endless stream of learner batches ``[batch_size, unroll_length]`` from a torchrl collector.
 
     Each collector item is one actor's ``[envs_per_actor, unroll_length]`` rollout; unrolls are
-    regrouped (never dropped) into batches of exactly ``batch_size``. Each batch is yielded ``passes``
-    times in a row; every pass after the first carries ``REPLAYED_KEY`` True, so that its frames, episodes
-    and observation statistics are counted once.
+    regrouped into batches of exactly ``batch_size``. An unroll holding a step its env marked non-finite
+    (``NONFINITE_KEY``, ``data.nonfinite_data: drop``) is dropped first, and counted in ``unrolls_dropped``;
+    no other is. Each batch is yielded ``passes`` times in a row; every pass after the first carries
+    ``REPLAYED_KEY`` True, so that its frames, episodes and observation statistics are counted once.
     """
 
     def __init__(self, rollouts, batch_size: int, passes: int = 1):
         self.rollouts = rollouts  # a collector, or anything iterable yielding its rollouts
         self.batch_size = batch_size
         self.passes = passes
+        self.unrolls_dropped = 0
 
     def __iter__(self) -> Iterator[TensorDictBase]:
         for batch in self._batches():
@@ -55,6 +57,7 @@ class UnrollStream(IterableDataset):
         pending: list[TensorDictBase] = []
         num_pending = 0
         for rollout in self.rollouts:
+            rollout = self._without_nonfinite_unrolls(rollout)
             pending.append(rollout.select(*BATCH_KEYS, strict=False))  # core states: recurrent only
             num_pending += rollout.batch_size[0]
             while num_pending >= self.batch_size:
@@ -63,6 +66,19 @@ class UnrollStream(IterableDataset):
                 rest = unrolls[self.batch_size :]
                 num_pending = rest.batch_size[0]
                 pending = [rest] if num_pending else []
+
+    def _without_nonfinite_unrolls(self, rollout: TensorDictBase) -> TensorDictBase:
+        """``rollout [n, T]`` less its unrolls holding a marked step (in the observation, or after the action)."""
+        keys = rollout.keys(True)
+        marks = [rollout.get(key) for key in (NONFINITE_KEY, ("next", NONFINITE_KEY)) if key in keys]
+        if not marks:
+            return rollout
+        dropped = torch.stack([mark.reshape(rollout.batch_size) for mark in marks]).any(0).any(-1)  # [n]
+        num_dropped = int(dropped.sum())
+        if num_dropped == 0:
+            return rollout
+        self.unrolls_dropped += num_dropped
+        return rollout[~dropped]
 
 
 class ImpalaDataModule(L.LightningDataModule):
@@ -130,8 +146,18 @@ class ImpalaDataModule(L.LightningDataModule):
             for a learner with a GPU, where per-actor CPU copies of a large network are the limit.
         inference_device: device of the served policy (``inference: server``); None: the learner's device.
         max_actor_restarts: local actors: when an actor process dies (killed, or its env raised), all
-            actors are restarted with the current weights and training goes on, this many times in the
-            run; then the run stops with an error naming the env and showing the actor's traceback.
+            actors are restarted with the current weights and training goes on, this many times within
+            ``actor_restart_window_s``; one more stops the run with an error naming the env and showing the
+            actor's traceback.
+        actor_restart_window_s: seconds over which ``max_actor_restarts`` counts restarts (older ones no longer
+            count: 3 per hour lets a long run on a flaky node live, and stops an env that keeps crashing);
+            None: over the whole run.
+        nonfinite_data: what a NaN or infinite reward or float observation from an env does (checked in the
+            actor, at every step and reset). ``raise``: the run stops at once with an error naming the env,
+            the actor, the sub-env and its step (no restart: the env would do it again). ``drop``: the values
+            are replaced by 0 for the actor, that episode ends there, the actor logs a warning, and every unroll
+            holding such a step is dropped before batching (``unrolls_dropped``): the learner, its observation
+            statistics and the episode statistics never see them.
     """
 
     def __init__(
@@ -163,6 +189,8 @@ class ImpalaDataModule(L.LightningDataModule):
         inference: Literal["actor", "server"] = "actor",
         inference_device: str | None = None,
         max_actor_restarts: NonNegativeInt = 3,
+        actor_restart_window_s: PositiveFloat | None = 3600.0,
+        nonfinite_data: Literal["raise", "drop"] = "raise",
     ):
         super().__init__()
         check_arguments(ImpalaDataModule.__init__, locals())
@@ -200,6 +228,7 @@ class ImpalaDataModule(L.LightningDataModule):
                 raise ValueError(f"env {env_id!r} differs between the envpool backend ({self.env_facts}) and "
                                  f"gymnasium, which evaluation uses ({gymnasium_facts})")
         self.actors: ActorPool | None = None
+        self._unroll_stream: UnrollStream | None = None
         self._ended_pools: tuple[int, int, int] = (0, 0, 0)  # (restarts, lost, rejected) of pools already shut down
 
     @property
@@ -232,6 +261,11 @@ class ImpalaDataModule(L.LightningDataModule):
         """Remote actors' rollouts dropped so far in this run (non-finite values... see ``actors.rollout_check``)."""
         return self._ended_pools[2] + getattr(self.actors, "rollouts_rejected", 0)
 
+    @property
+    def unrolls_dropped(self) -> int:
+        """Unrolls dropped for holding non-finite env data so far (``nonfinite_data: drop``)."""
+        return self._unroll_stream.unrolls_dropped if self._unroll_stream is not None else 0
+
     def start_actors(self, network: nn.Module, network_factory, version: int = 0, rank: int = 0) -> None:
         """Start the actor pool, acting with ``network``'s weights tagged ``version``.
 
@@ -246,7 +280,7 @@ class ImpalaDataModule(L.LightningDataModule):
         hp = self.hparams
         common = dict(num_actors=hp.num_actors, envs_per_actor=hp.envs_per_actor, unroll_length=hp.unroll_length,
                       version=version, seed=self.env_seed, rank=rank,
-                      env_options={**self.env_options, "backend": hp.env_backend})
+                      env_options={**self.env_options, "backend": hp.env_backend, "nonfinite_data": hp.nonfinite_data})
         if hp.actors == "remote":
             self.actors = make_remote_collector(
                 hp.env_id, network, network_factory, **common, launcher=hp.remote_launcher, backend=hp.remote_backend,
@@ -255,7 +289,8 @@ class ImpalaDataModule(L.LightningDataModule):
             )
         else:
             self.actors = LocalActors(hp.env_id, network, network_factory, **common, sync_actors=hp.sync_actors,
-                                      max_restarts=hp.max_actor_restarts, inference=hp.inference,
+                                      max_restarts=hp.max_actor_restarts, restart_window_s=hp.actor_restart_window_s,
+                                      inference=hp.inference,
                                       inference_device=hp.inference_device)
 
     def publish_weights(self, network: nn.Module, version: int) -> None:
@@ -282,8 +317,9 @@ class ImpalaDataModule(L.LightningDataModule):
         # A CUDA learner: page-locked batches, so training_step's .to(device, non_blocking=True) is
         # an asynchronous copy.
         to_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        self._unroll_stream = UnrollStream(_PoolRollouts(self), self.hparams.batch_size, self.hparams.passes_per_batch)
         return DataLoader(
-            UnrollStream(_PoolRollouts(self), self.hparams.batch_size, self.hparams.passes_per_batch),
+            self._unroll_stream,
             batch_size=None,
             num_workers=0,
             collate_fn=_identity,

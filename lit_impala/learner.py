@@ -67,7 +67,8 @@ class ImpalaModule(L.LightningModule):
         log_std_init: initial log standard deviation of a Gaussian policy.
         state_dependent_std: the Gaussian's std comes from the network (default: a free parameter).
         normalize_observations: normalise vector observations with running mean/std (learnt by
-            the learner, shipped to the actors with the weights, saved in checkpoints).
+            the learner from the finite observations of applied updates, shipped to the actors with the
+            weights, saved in checkpoints).
         shared_encoder: the value head reads the policy's encoder (the paper); False: the value has an
             encoder of its own, the same shape (PPO baselines on MuJoCo do this). Not with ``use_lstm``.
         discount: gamma, the per-step discount.
@@ -162,6 +163,8 @@ class ImpalaModule(L.LightningModule):
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
         self._consecutive_nonfinite = 0  # ... and in a row
         self._update: UpdateTensors | None = None  # this update's, from training_step to on_train_batch_end
+        self._new_observations: Tensor | None = None  # this batch's [T, B, *obs], for the normaliser ...
+        self._update_applied = False  # ... once the guard let the update through
         self._grad_norm = torch.zeros(())
         self.checkpoint_step: int | None = None  # update count of the checkpoint loaded (`test` reports it)
 
@@ -214,8 +217,8 @@ class ImpalaModule(L.LightningModule):
 
         # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)
         if self.network.normalizer is not None and not is_replayed(batch):
-            # After this batch's loss, so the loss used the statistics the actors acted with; once per batch.
-            self.network.normalizer.update(trajectory.observation.flatten(0, 1))
+            # Merged in optimizer_step if this update is applied: once per batch, after its loss.
+            self._new_observations = trajectory.observation
         self._update = UpdateTensors(
             log_rhos=log_rhos,
             policy_lag=(self.global_step - trajectory.policy_version).float(),
@@ -254,6 +257,18 @@ class ImpalaModule(L.LightningModule):
 
     # --- the guard against non-finite updates -------------------------------------------------------
 
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        self._update_applied = False
+        # The closure: training_step, backward, then configure_gradient_clipping (which may refuse the update).
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        observations, self._new_observations = self._new_observations, None
+        if self._update_applied and observations is not None:
+            # The observation statistics learn from applied updates only, after their loss (which used the
+            # statistics the actors acted with), and from finite rows only: what ships to the actors and lands
+            # in checkpoints stays finite.
+            rows = observations.flatten(0, 1)
+            self.network.normalizer.update(rows[torch.isfinite(rows).flatten(1).all(-1)])
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # After backward, before the optimizer step: the one place to refuse an update.
         parameters = [p for p in self.network.parameters() if p.grad is not None]
@@ -263,6 +278,7 @@ class ImpalaModule(L.LightningModule):
             self._skip_nonfinite_update(grad_norm, loss_is_finite)
             return
         self._consecutive_nonfinite = 0
+        self._update_applied = True
         # The clip is a model hyper-parameter here (the paper's 40); the norm is logged either way.
         max_norm = self.hparams.max_grad_norm or gradient_clip_val or math.inf
         torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, grad_norm)

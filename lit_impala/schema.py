@@ -17,6 +17,8 @@ IS_INIT_KEY = "is_init"  # torchrl InitTracker: this step's observation starts a
 EPISODE_RETURN_KEY = "episode_reward"  # torchrl RewardSum: running return of the episode
 EPISODE_LENGTH_KEY = "step_count"  # torchrl StepCounter: steps taken in the episode
 LIFE_LOST_KEY = "life_lost"  # Atari with terminal_on_life_loss: a life was lost at this step (learning only)
+NONFINITE_KEY = "nonfinite"  # bool [B, T], data.nonfinite_data drop (envs.finite): the env returned a NaN or inf
+# here (replaced by 0); data.UnrollStream drops the unrolls holding one, so the learner never reads this key
 
 # --- written by the actors' policy (actors.policy.ActingPolicy) ---------------------------------------------
 ACTION_KEY = "action"  # what the env receives (continuous samples are clipped or squashed into bounds)

@@ -14,6 +14,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from functools import partial
 
@@ -27,8 +29,49 @@ from lit_impala.actors.inference import InferenceService, make_served_policy
 from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.actors.policy import make_acting_policy
 from lit_impala.envs.factory import actor_seeds, make_vector_env
+from lit_impala.envs.finite import NonFiniteEnvData, nonfinite_report
 
 log = logging.getLogger(__name__)
+
+
+class RestartBudget:
+    """At most ``max_restarts`` restarts within any ``window_s`` seconds (None: in the whole run): a flaky
+    node that loses an actor once a day keeps training for weeks, an env that keeps crashing stops the run.
+
+    Args:
+        max_restarts: restarts allowed within the window.
+        window_s: seconds a restart counts against the budget; None: for ever.
+        clock: seconds, monotonic (tests pass a fake one).
+    """
+
+    def __init__(self, max_restarts: int, window_s: float | None = 3600.0, clock: Callable[[], float] = time.monotonic):
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.clock = clock
+        self._times: deque[float] = deque()  # of the restarts still in the window, oldest first
+
+    @property
+    def window_text(self) -> str:
+        return "in the run" if self.window_s is None else f"within {self.window_s:g} s"
+
+    def used(self) -> int:
+        """Restarts within the window, as of now."""
+        if self.window_s is not None:
+            while self._times and self._times[0] <= self.clock() - self.window_s:
+                self._times.popleft()
+        return len(self._times)
+
+    def take(self) -> bool:
+        """Count one restart now if the budget allows it (True), else False."""
+        if self.used() >= self.max_restarts:
+            return False
+        self._times.append(self.clock())
+        return True
+
+
+def _stopping(report: str) -> str:
+    return (f"{report}. Stopping: data.nonfinite_data=raise (with data.nonfinite_data=drop such steps end their "
+            "episode and their unrolls are dropped, and training goes on).")
 
 
 class LocalActors:
@@ -36,8 +79,10 @@ class LocalActors:
 
     When an actor process dies (killed, or its env raised), torchrl raises at once; all actors are then
     restarted with the newest published weights and version (the mailbox outlives them), up to
-    ``max_restarts`` times in the run, and the stream goes on. After that, a ``RuntimeError`` names the env
-    and shows the actor's traceback.
+    ``max_restarts`` times within any ``restart_window_s`` seconds (``RestartBudget``), and the stream goes
+    on. After that, a ``RuntimeError`` names the env and shows the actor's traceback. An actor stopped by
+    non-finite env data (``envs.finite``) is not restarted: the same env would do it again; its
+    ``NonFiniteEnvData`` is raised here at once.
 
     Args:
         env_id: gymnasium id.
@@ -45,9 +90,10 @@ class LocalActors:
         network_factory: picklable callable building the same architecture (run in each actor).
         num_actors, envs_per_actor, unroll_length: processes, envs per process, steps per rollout.
         seed: base env seed; ``rank`` (DDP) and the actor index make each actor's seed distinct.
-        env_options: further ``make_vector_env`` options.
+        env_options: further ``make_vector_env`` options (``nonfinite_data``: see ``envs.finite``).
         sync_actors: all actors finish a round together (``MultiSyncCollector``), for debugging.
-        max_restarts: restarts allowed in the run.
+        max_restarts: restarts allowed within ``restart_window_s``.
+        restart_window_s: the window restarts are counted over, in seconds (None: the whole run).
         inference: ``"actor"``: each actor runs its own CPU copy of the policy, weights through the mailbox;
             ``"server"``: one copy in this process serves all actors in batches (``actors.inference``).
         inference_device: where the served copy runs (``"server"`` only); None: ``network``'s device.
@@ -70,12 +116,13 @@ class LocalActors:
         env_options: dict | None = None,
         sync_actors: bool = False,
         max_restarts: int = 3,
+        restart_window_s: float | None = 3600.0,
         inference: str = "actor",
         inference_device: str | torch.device | None = None,
     ):
         self.env_id = env_id
-        self.restarts = 0
-        self.max_restarts = max_restarts
+        self.restarts = 0  # in this pool's life
+        self.restart_budget = RestartBudget(max_restarts, restart_window_s)
         self._collector = None
         self.mailbox = None
         self.inference = None
@@ -95,7 +142,7 @@ class LocalActors:
         self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
         env_fns = [
             partial(make_vector_env, env_id, envs_per_actor, actor_seed, error_file=self._error_file(i),
-                    **(env_options or {}))
+                    actor=i, **(env_options or {}))
             for i, actor_seed in enumerate(actor_seeds(seed, num_actors, rank))
         ]
         self._make_collector = partial(
@@ -122,8 +169,11 @@ class LocalActors:
                 self.inference = InferenceService(**self._served)
                 clients = self.inference.clients
             self._collector = self._make_collector(policy_factory=self._policy_factories(clients))
-        except BaseException:
+        except BaseException as error:
+            report = self._nonfinite_report()  # a non-finite first observation: torchrl re-raises it here
             self.shutdown()
+            if report is not None:
+                raise NonFiniteEnvData(_stopping(report)) from error
             raise
 
     def __iter__(self) -> Iterator[TensorDictBase]:
@@ -132,15 +182,20 @@ class LocalActors:
                 yield from self._collector
                 return
             except RuntimeError as error:
+                report = self._nonfinite_report()
+                if report is not None:
+                    raise NonFiniteEnvData(_stopping(report)) from error
                 why = self._actor_tracebacks() or f"{error} (no Python traceback: killed or crashed)"
-                if self.restarts >= self.max_restarts:
+                budget = self.restart_budget
+                if not budget.take():
                     raise RuntimeError(
-                        f"an actor stepping {self.env_id!r} failed again after {self.restarts} restarts "
-                        f"(data.max_actor_restarts={self.max_restarts}); stopping.\n{why}"
+                        f"an actor stepping {self.env_id!r} failed again after {budget.used()} restarts "
+                        f"{budget.window_text} (data.max_actor_restarts={budget.max_restarts}, "
+                        f"data.actor_restart_window_s={budget.window_s}); stopping.\n{why}"
                     ) from error
                 self.restarts += 1
-                log.warning("an actor stepping %r failed; restarting the actors (%d of %d):\n%s",
-                            self.env_id, self.restarts, self.max_restarts, why)
+                log.warning("an actor stepping %r failed; restarting the actors (%d of %d) %s:\n%s",
+                            self.env_id, budget.used(), budget.max_restarts, budget.window_text, why)
                 self._stop_collector()
                 self._clear_actor_tracebacks()
                 self._start()
@@ -182,6 +237,9 @@ class LocalActors:
             with open(os.path.join(self._error_dir, name)) as f:
                 texts.append(f"{name.removesuffix('.traceback')} of env {self.env_id!r} raised:\n{f.read()}")
         return "\n".join(texts)
+
+    def _nonfinite_report(self) -> str | None:
+        return nonfinite_report(self._actor_tracebacks())
 
     def _clear_actor_tracebacks(self) -> None:
         for name in os.listdir(self._error_dir):

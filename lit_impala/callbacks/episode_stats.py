@@ -38,9 +38,11 @@ class EpisodeStats(L.Callback):
     ``env_frames``, ``frames_per_second``, ``updates_per_second``, ``time/data_wait_fraction``,
     ``episode/return`` and ``episode/length`` (once an episode has finished; sums over DDP ranks),
     ``time/train_s`` (wall seconds since this process's first update began, for curves against wall time),
-    their histograms (this rank's episodes), ``actor_restarts``, ``actors_lost`` and ``rollouts_rejected``;
+    their histograms (this rank's episodes), ``actor_restarts``, ``actors_lost``, ``rollouts_rejected`` (remote
+    rollouts that failed the checks on arrival) and ``unrolls_dropped`` (``data.nonfinite_data: drop``);
     ``frames``, ``fps`` and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets
-    ``trainer.should_stop``, so that Lightning writes the last update's row to the loggers.
+    ``trainer.should_stop``, so that Lightning writes the last update's row to the loggers. An episode whose
+    return or length is not finite never enters the window (``nonfinite_episodes`` counts them).
 
     Args:
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
@@ -56,6 +58,7 @@ class EpisodeStats(L.Callback):
         self.env_frames = 0  # env steps consumed by this rank's learner
         self.episode_returns: deque[float] = deque(maxlen=return_window)
         self.episode_lengths: deque[float] = deque(maxlen=return_window)
+        self.nonfinite_episodes = 0  # finished episodes left out of the window for a NaN or infinite return
         self.progress: Progress | None = None  # over all ranks, as of the last update
         self._clock: tuple[float, float, int, float] | None = None  # (time, frames, step, waited) at the last log
         self._batch_end_time: float | None = None
@@ -91,8 +94,11 @@ class EpisodeStats(L.Callback):
             self.env_frames += trajectory.reward.numel()
             done = trajectory.done
             if done.any():
-                self.episode_returns.extend(trajectory.episode_return[done].tolist())
-                self.episode_lengths.extend(trajectory.episode_length[done].tolist())
+                # A non-finite return would make the window's mean NaN until it leaves (no stop rule): skipped.
+                finite = torch.isfinite(trajectory.episode_return) & torch.isfinite(trajectory.episode_length.float())
+                self.nonfinite_episodes += int((done & ~finite).sum())
+                self.episode_returns.extend(trajectory.episode_return[done & finite].tolist())
+                self.episode_lengths.extend(trajectory.episode_length[done & finite].tolist())
         progress = self.progress = self._across_ranks(trainer, pl_module.device)
         target = self.stop_at_return
         if target is not None and progress.windows_full and progress.mean_return >= target:
@@ -116,6 +122,7 @@ class EpisodeStats(L.Callback):
             "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
             "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
             "rollouts_rejected": float(getattr(datamodule, "rollouts_rejected", 0)),
+            "unrolls_dropped": float(getattr(datamodule, "unrolls_dropped", 0)),
         }
         if self._train_start is not None:
             metrics["time/train_s"] = now - self._train_start

@@ -24,6 +24,7 @@ from torchrl.envs.libs.gym import default_info_dict_reader
 
 from lit_impala.envs.atari import is_atari_id, make_atari_env, register_atari_envs
 from lit_impala.envs.envpool import describe_envpool_env, make_envpool_env
+from lit_impala.envs.finite import FiniteCheck, NonFiniteMode
 from lit_impala.envs.wrappers import (
     BooleanImageAsPixels,
     ChannelsFirst,
@@ -193,18 +194,23 @@ def make_vector_env(
     seed: int | None = None,
     error_file: str | None = None,
     backend: EnvBackend = "gymnasium",
+    nonfinite_data: NonFiniteMode = "raise",
+    actor: int | None = None,
     **options,
 ) -> EnvBase:
     """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
 
-    Adds torchrl's ``InitTracker`` (``is_init``: the observation starts an episode, so recurrent
-    actors reset their state), ``RewardSum`` and ``StepCounter`` (running episode return and
-    length; at a ``done`` step they hold the finished episode's). With ``error_file``, an exception
-    from the gymnasium envs leaves its traceback there. ``backend``: ``"gymnasium"`` (a ``SyncVectorEnv``
-    of ``make_gym_env`` envs) or ``"envpool"`` (``envs.envpool``: the same keys and episode boundaries).
+    First ``envs.finite.FiniteCheck``: a non-finite reward or observation raises or is dropped there
+    (``nonfinite_data``; messages name ``actor``). Then torchrl's ``InitTracker`` (``is_init``: the
+    observation starts an episode, so recurrent actors reset their state), ``RewardSum`` and ``StepCounter``
+    (running episode return and length; at a ``done`` step they hold the finished episode's). With
+    ``error_file``, an exception from the envs, or the check's, leaves its traceback there. ``backend``:
+    ``"gymnasium"`` (a ``SyncVectorEnv`` of ``make_gym_env`` envs) or ``"envpool"`` (``envs.envpool``: the
+    same keys and episode boundaries).
     """
+    check = FiniteCheck(env_id, nonfinite_data, actor, error_file)
     if backend == "envpool":
-        return _add_episode_transforms(make_envpool_env(env_id, num_envs, seed, **options))
+        return _add_episode_transforms(make_envpool_env(env_id, num_envs, seed, **options), check)
     vector_env = SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
@@ -220,14 +226,15 @@ def make_vector_env(
                 [LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)}
             )
         )
-    env = _add_episode_transforms(base_env)
+    env = _add_episode_transforms(base_env, check)
     if seed is not None:
         env.set_seed(seed)
     return env
 
 
-def _add_episode_transforms(base_env: EnvBase) -> TransformedEnv:
-    env = TransformedEnv(base_env, InitTracker())
+def _add_episode_transforms(base_env: EnvBase, check: FiniteCheck) -> TransformedEnv:
+    env = TransformedEnv(base_env, check)  # first: RewardSum never adds a NaN dropped here
+    env.append_transform(InitTracker())
     env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
     env.append_transform(StepCounter())
     return env

@@ -56,7 +56,7 @@ def test_a_killed_actor_is_restarted_and_training_goes_on(tmp_path, monkeypatch,
     assert KillOneActor.killed_pid is not None
     assert cli.trainer.global_step == 25  # training went on to the end
     assert cli.datamodule.actor_restarts == 1
-    assert "restarting the actors (1 of 3)" in caplog.text
+    assert "restarting the actors (1 of 3) within 3600 s" in caplog.text
     assert (
         not psutil.pid_exists(KillOneActor.killed_pid)
         or psutil.Process(KillOneActor.killed_pid).status() == psutil.STATUS_ZOMBIE
@@ -71,7 +71,8 @@ def test_an_env_that_keeps_raising_stops_the_run_with_its_traceback_and_a_checkp
         cli_main(run_args(tmp_path, "--trainer.max_steps=100000", "--data.env_id=tests.faulty_envs:FaultyCartPole-v0",
                           "--data.max_actor_restarts=1"))
     message = str(error.value)
-    assert "'tests.faulty_envs:FaultyCartPole-v0' failed again after 1 restarts" in message
+    assert "'tests.faulty_envs:FaultyCartPole-v0' failed again after 1 restarts within 3600 s" in message
+    assert "(data.max_actor_restarts=1, data.actor_restart_window_s=3600.0)" in message
     assert "boom: FaultyCartPole failed at step 300" in message  # the env's own traceback
     assert "Traceback" in message and "faulty_envs.py" in message
     assert time.monotonic() - start < 120  # no hang
