@@ -2,7 +2,7 @@
 checkpoint, with ``$TMPDIR`` on another filesystem than the checkpoints (the cluster layout that tore
 ``last.ckpt`` with Lightning's own save), resume from an intact checkpoint every time; a torn newest checkpoint
 falls back to the previous one; ``last`` with nothing to load starts fresh; a second run of the same config
-cannot take the first one's checkpoint directory."""
+cannot take the first one's checkpoint directory; a finished run requeued says there is nothing left to do."""
 
 import json
 import os
@@ -45,10 +45,10 @@ def partial_files(directory: Path) -> list[str]:
 
 
 def kill_during_a_write(args: list[str], cwd: Path, ckpt_dir: Path, env: dict, min_saves: int = 4,
-                        timeout_s: float = 120.0) -> tuple[str, bool]:
-    """Start ``fit``; once it has written ``min_saves`` checkpoints, SIGKILL it (the learner, as a scheduler's
-    ``kill -9`` does) the moment a checkpoint is being written; its actors notice and exit. Returns its output
-    and whether the kill landed inside a write."""
+                        timeout_s: float = 120.0, meanwhile=None) -> tuple[str, bool]:
+    """Start ``fit``; once it has written ``min_saves`` checkpoints (and ``meanwhile(process)`` returned),
+    SIGKILL it (the learner, as a scheduler's ``kill -9`` does) the moment a checkpoint is being written; its
+    actors notice and exit. Returns its output and whether the kill landed inside a write."""
     log_path = cwd / "killed.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "-m", "lit_impala", *args], cwd=cwd, stdout=log,
@@ -62,6 +62,8 @@ def kill_during_a_write(args: list[str], cwd: Path, ckpt_dir: Path, env: dict, m
             assert time.monotonic() < deadline, f"fewer than {min_saves} writes seen:\n{log_path.read_text()}"
             seen.update(partial_files(ckpt_dir))
             time.sleep(0.0005)
+        if meanwhile is not None:
+            meanwhile(process)
         children = psutil.Process(process.pid).children(recursive=True)
         while not partial_files(ckpt_dir):  # the next write
             assert time.monotonic() < deadline and process.poll() is None, log_path.read_text()
@@ -78,30 +80,43 @@ def kill_during_a_write(args: list[str], cwd: Path, ckpt_dir: Path, env: dict, m
 
 @pytest.mark.slow
 @pytest.mark.skipif(not SHM.is_dir(), reason="needs /dev/shm (a tmpfs) to put $TMPDIR on another filesystem")
-def test_kills_during_checkpoint_writes_always_resume_from_an_intact_checkpoint(tmp_path):
+def test_requeued_after_kills_during_checkpoint_writes_a_run_always_resumes_from_an_intact_checkpoint(tmp_path):
     ckpt_dir = tmp_path / "checkpoints"
     scratch = Path(tempfile.mkdtemp(dir=SHM, prefix="lit_impala_tmpdir_"))
     assert os.stat(scratch).st_dev != os.stat(tmp_path).st_dev, "TMPDIR must be another filesystem"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TMPDIR": str(scratch), "WANDB_DIR": str(tmp_path)}
     try:
         # 1. A requeue script's first start: nothing to resume yet, which is said in one line.
-        output, _ = kill_during_a_write(fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path, ckpt_dir, env)
+        output, inside = kill_during_a_write(fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path, ckpt_dir, env)
+        kills_inside_a_write = int(inside)
         assert f"--ckpt_path last: no checkpoint in '{ckpt_dir}': starting fresh" in output, output
         assert "save_last=True" not in output, "Lightning's misleading hint"
 
         # 2. Killed again and again, each time while a checkpoint is being written: every checkpoint file left
-        #    is complete, and the next start resumes from the newest one.
-        kills_inside_a_write = 0
+        #    is complete, and the next start resumes from the newest one. During the first of these runs a second
+        #    run of the same config is started: it cannot take the checkpoint directory.
+        def second_run_is_refused(first: subprocess.Popen) -> None:
+            second = run_lit_impala(fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path, env=env)
+            assert second.returncode == 2, second.tail()
+            assert second.stderr.strip().splitlines()[-1] == (
+                f"error: checkpoint directory '{ckpt_dir}' is in use by another run (pid {first.pid} on "
+                f"{os.uname().nodename}): two runs would resume from and overwrite each other's checkpoints. Wait for "
+                "it to end, or give this run its own directory (the ModelCheckpoint callback's dirpath)"), second.tail()
+            assert second.spawned_actors == 0, "refused before any actor started"
+            assert first.poll() is None, "the first run goes on"
+
         last_step = 0
-        for _ in range(3):
+        for attempt in range(2):
             for path in ckpt_dir.glob("*.ckpt"):
-                read_checkpoint(path)  # raises UnreadableCheckpoint for a torn file
+                checkpoint = read_checkpoint(path)  # raises UnreadableCheckpoint for a torn file
+                # complete and consistent: the frame count belongs to the same update as the weights
+                assert checkpoint["callbacks"]["EpisodeStats"]["env_frames"] == checkpoint["global_step"] * 20 * 32
             newest = max(ckpt_dir.glob("*.ckpt"), key=lambda p: p.stat().st_mtime)
             step = read_checkpoint(newest)["global_step"]
             assert step > last_step
             last_step = step
-            output, inside = kill_during_a_write(
-                fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path, ckpt_dir, env)
+            output, inside = kill_during_a_write(fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path, ckpt_dir,
+                                                 env, meanwhile=second_run_is_refused if attempt == 0 else None)
             kills_inside_a_write += inside
             resumed = re.search(rf"Resuming from {re.escape(str(ckpt_dir))}/\S+ \(update (\d+),", output)
             assert resumed and int(resumed[1]) == step, output
@@ -118,49 +133,20 @@ def test_kills_during_checkpoint_writes_always_resume_from_an_intact_checkpoint(
         newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
         os.utime(newest)
         previous_step = read_checkpoint(previous)["global_step"]
-        run = run_lit_impala(fit_args(ckpt_dir, f"--trainer.max_steps={previous_step + 3}"), tmp_path, env=env)
+        finish = fit_args(ckpt_dir, f"--trainer.max_steps={previous_step + 3}")
+        run = run_lit_impala(finish, tmp_path, env=env)
         assert run.returncode == 0, run.tail()
         assert f"checkpoint '{newest}' cannot be read" in run.stderr and "skipped, trying an older one" in run.stderr
         assert f"Resuming from {previous} (update {previous_step}," in run.stdout, run.tail()
         assert f"Training stopped after {previous_step + 3} updates" in run.stdout, run.tail()
         assert not partial_files(ckpt_dir), "the run that took the directory removes what killed writers left"
         assert_all_gone(run.descendants)
+
+        # 4. The same command again (a requeued job that had finished): nothing left to do, said, and exit 0.
+        again = run_lit_impala(finish, tmp_path, env=env)
+        assert again.returncode == 0, again.tail()
+        assert (f"The checkpoint is at update {previous_step + 3} and trainer.max_steps is {previous_step + 3}: "
+                "nothing left to train (a larger --trainer.max_steps extends the run)") in again.stdout, again.tail()
+        assert f"Training stopped after {previous_step + 3} updates" in again.stdout, again.tail()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-
-
-@pytest.mark.slow
-def test_a_second_run_of_the_same_config_cannot_take_the_checkpoint_directory(tmp_path):
-    ckpt_dir = tmp_path / "checkpoints"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(tmp_path)}
-    log_path = tmp_path / "first.log"
-    with open(log_path, "w") as log:
-        command = [sys.executable, "-m", "lit_impala", *fit_args(ckpt_dir, "--trainer.max_steps=100000")]
-        first = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                 start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckpt_dir / "last.ckpt").exists():
-            assert first.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
-        second = run_lit_impala(fit_args(ckpt_dir, "--trainer.max_steps=100000"), tmp_path)
-        assert second.returncode == 2, second.tail()
-        assert second.stderr.strip().splitlines()[-1] == (
-            f"error: checkpoint directory '{ckpt_dir}' is in use by another run (pid {first.pid} on "
-            f"{os.uname().nodename}): two runs would resume from and overwrite each other's checkpoints. Wait for it "
-            "to end, or give this run its own directory (the ModelCheckpoint callback's dirpath)"), second.tail()
-        assert second.spawned_actors == 0, "refused before any actor started"
-        assert first.poll() is None, "the first run goes on"
-        children = {child.pid for child in psutil.Process(first.pid).children(recursive=True)}
-        first.kill()  # the learner only: its actors notice and exit, its shared memory is released
-        first.wait()
-        assert_all_gone(children, within_s=15)
-    finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-    # The kernel released the dead run's lock: a requeued job takes the directory and resumes.
-    step = max(read_checkpoint(path)["global_step"] for path in ckpt_dir.glob("*.ckpt"))
-    requeued = run_lit_impala(fit_args(ckpt_dir, f"--trainer.max_steps={step + 2}"), tmp_path)
-    assert requeued.returncode == 0, requeued.tail()
-    assert f"Training stopped after {step + 2} updates" in requeued.stdout

@@ -179,31 +179,6 @@ def test_sigterm_and_a_second_ctrl_c_stop_cleanly(tmp_path, signals, exit_code):
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
 
 
-@pytest.mark.slow
-def test_kill_9_then_resume_loses_nothing_before_the_last_checkpoint(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    ckpt_dir = tmp_path / "checkpoints"
-    code, output, _, children = interrupt_run(tmp_path, ckpt_dir, (("group", signal.SIGKILL),))
-    assert code == -signal.SIGKILL
-    _, alive = psutil.wait_procs([psutil.Process(p) for p in children if psutil.pid_exists(p)], timeout=10)
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
-    # Whatever moment the kill hit, every checkpoint file there is complete and consistent
-    # (Lightning writes to a temporary file and renames it).
-    files = sorted(ckpt_dir.iterdir())
-    assert files and all(f.suffix == ".ckpt" for f in files), files
-    for path in files:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        assert checkpoint["callbacks"]["EpisodeStats"]["env_frames"] == checkpoint["global_step"] * FRAMES_PER_UPDATE
-    last = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
-    probe_spec = {"class_path": "tests.integration.test_resume.ResumeProbe", "init_args": {"steps": 5}}
-    cli = cli_main(["fit", *common_args(ckpt_dir, probe_spec), "--ckpt_path=last"])
-    probe = next(cb for cb in cli.trainer.callbacks if isinstance(cb, ResumeProbe))
-    assert probe.start["global_step"] == last["global_step"] >= 20
-    assert probe.start["env_frames"] == last["callbacks"]["EpisodeStats"]["env_frames"]
-    assert probe.start["lr"] == pytest.approx(last["lr_schedulers"][0]["_last_lr"][0])
-    assert cli.trainer.global_step == last["global_step"] + 5
-
-
 def _logged_lr(csv_dir) -> dict[int, float]:
     """``lr`` by step, as LearningRateMonitor logged it to the CSVLogger (the rate each update used)."""
     import csv
@@ -245,9 +220,3 @@ def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
     assert all(rate > 0 for rate in rates) and rates == sorted(rates, reverse=True), second
     # a straight line to 0 at update 80: lr(step) = 0.002 * (1 - step / 80), as in a run given 80 from the start
     assert rates == pytest.approx([0.002 * (1 - step / 80) for step in steps])
-
-    # The same command once more (a requeued job that had finished): nothing to do, said, and exit 0.
-    again = fit(80, "--ckpt_path=last")
-    assert ("The checkpoint is at update 80 and trainer.max_steps is 80: nothing left to train (a larger "
-            "--trainer.max_steps extends the run)") in again.stdout
-    assert "Training stopped after 80 updates and 51200 env frames" in again.stdout
