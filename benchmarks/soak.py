@@ -20,10 +20,12 @@ measure.
 
     python -m benchmarks.soak --minutes 30                # both scenarios, configs/cartpole.yaml
     python -m benchmarks.soak --config configs/pendulum.yaml --scenarios remote -- --data.num_actors=2
+    python -m benchmarks.soak --analyse benchmarks/results/soak.json   # the table again from saved samples
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import statistics
@@ -112,6 +114,81 @@ def growth(series: list[float], settled_at: int) -> float:
     return (end - start) / start if start else 0.0
 
 
+def analyse(series: list[dict], settled_at: int) -> tuple[list[list[str]], dict[str, float], list[str]]:
+    """One run's table rows and growths from its samples: processes are followed by pid. Those alive in every
+    sample from warm-up on are measured (RSS, open fds); one that is gone or replaced by the end, or that appeared
+    after warm-up and is still there, is a failure; children that come and go (W&B's short helpers, the video
+    encoder) are only counted, as is the number of processes."""
+    def by_pid(sample: dict) -> dict[int, dict]:
+        return {p["pid"]: {**p, "role": name.rstrip("0123456789")} for name, p in sample["processes"].items()}
+
+    seen = [by_pid(sample) for sample in series]
+    after = seen[settled_at:]
+    steady = set(after[0]).intersection(*after)
+    at_end = set(seen[-1]).intersection(*seen[-WINDOW:])
+    rows, growths, transient = [], {}, []
+    for pid in sorted(set(after[0]) - steady):
+        rows.append([after[0][pid]["role"], f"pid {pid}: gone or replaced after warm-up", "", "", "", ""])
+        growths[f"{after[0][pid]['role']}/{pid}/gone"] = float("inf")
+    for pid in sorted(at_end - set(after[0])):
+        rows.append([seen[-1][pid]["role"], f"pid {pid}: appeared after warm-up and stayed", "", "", "", ""])
+        growths[f"{seen[-1][pid]['role']}/{pid}/appeared"] = float("inf")
+    for pid in sorted({pid for sample in after for pid in sample} - steady - at_end):
+        transient.append(next(sample[pid]["role"] for sample in after if pid in sample))
+    index: dict[str, int] = {}
+    for pid in sorted(steady, key=lambda pid: (after[0][pid]["role"], pid)):
+        role = after[0][pid]["role"]
+        name = role
+        if role in ("actor", "wandb", "resource_tracker", "rank"):
+            number = index.setdefault(role, 1 if role == "rank" else 0)  # DDP's rank 0 is the learner
+            name, index[role] = f"{role}{number}", number + 1
+        rss = [sample[pid]["rss"] / 2**20 if pid in sample else 0.0 for sample in seen]
+        fds = [sample[pid]["fds"] if pid in sample else 0 for sample in seen]
+        growths[f"{name}/rss"], growths[f"{name}/fds"] = growth(rss, settled_at), growth(fds, settled_at)
+        rows.append([name, f"{rss[settled_at]:.0f}", f"{rss[-1]:.0f}", f"{growths[f'{name}/rss']:+.1%}",
+                     f"{fds[settled_at]} -> {fds[-1]}", f"{growths[f'{name}/fds']:+.1%}"])
+    counts = [len(sample) for sample in seen]
+    growths["processes"] = growth(counts, settled_at)
+    rows.append([f"all processes ({len(transient)} short-lived ones came and went)", "", "", "",
+                 f"{counts[settled_at]} -> {counts[-1]} processes", f"{growths['processes']:+.1%}"])
+    segments = [s["shm_segments"] for s in series]
+    shm_mib = [s["shm_bytes"] / 2**20 for s in series]
+    growths["shm_segments"], growths["shm_bytes"] = growth(segments, settled_at), growth(shm_mib, settled_at)
+    rows.append(["/dev/shm segments held", f"{shm_mib[settled_at]:.1f}", f"{shm_mib[-1]:.1f}",
+                 f"{growths['shm_bytes']:+.1%}", f"{segments[settled_at]} -> {segments[-1]} segments",
+                 f"{growths['shm_segments']:+.1%}"])
+    return rows, growths, sorted(set(transient))
+
+
+def report(result: dict) -> dict:
+    """Print the table and the verdict of a soak's samples, and write ``benchmarks/results/soak.json``."""
+    samples, scenarios = result["samples"], result["scenarios"]
+    times = [s["t"] for s in samples[scenarios[0]]]
+    last_start = times[max(0, len(times) - WINDOW)]
+    settled_at = next(i for i, t in enumerate(times) if t >= min(result["settle_s"], last_start))
+    rows, growths, transient = [], {}, {}
+    for name in scenarios:
+        run_rows, run_growths, transient[name] = analyse(samples[name], settled_at)
+        rows += [[name, *row] for row in run_rows]
+        growths.update({f"{name}/{what}": value for what, value in run_growths.items()})
+    minutes = times[-1] / 60
+    print_table(f"Soak: {result['config']}, {minutes:.1f} min; growth: median of the last {WINDOW} samples against "
+                f"the median of {WINDOW} from {times[settled_at]:.0f} s on",
+                ["run", "process", "RSS MiB at warm-up", "RSS MiB at end", "RSS growth", "count", "count growth"],
+                rows)
+    worst = max(growths, key=growths.get)
+    exits, left = result["exit_codes_after_sigint"], result["processes_left"]
+    passed = (growths[worst] <= TARGET_GROWTH and not any(left.values())
+              and all(code == 128 + signal.SIGINT for code in exits.values()))
+    verdict = "PASS" if passed else "FAIL"
+    print(f"\nlargest growth: {worst} {growths[worst]:+.1%} (target <= {TARGET_GROWTH:.0%}); short-lived children "
+          f"{transient}; exit codes after SIGINT {exits}; processes left {left}: {verdict}")
+    result.update(minutes=minutes, growth=growths, largest_growth={"what": worst, "growth": growths[worst]},
+                  short_lived_children=transient, verdict=verdict)
+    write_result("soak", result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = OneLineErrorParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/cartpole.yaml")
@@ -119,7 +196,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--minutes", type=float, default=30.0)
     parser.add_argument("--interval", type=float, default=15.0, help="seconds between samples")
     parser.add_argument("--settle", type=float, default=180.0, help="growth is measured from this many seconds on")
+    parser.add_argument("--analyse", metavar="JSON", help="only analyse the samples of a saved soak result again")
     args, overrides = parser.parse_known_args(argv)
+    if args.analyse:
+        try:
+            saved = json.loads(Path(args.analyse).read_text())
+        except (OSError, ValueError) as error:
+            parser.error(f"--analyse: {args.analyse!r} cannot be read ({error})")
+        return report({key: saved[key] for key in ("config", "scenarios", "overrides", "settle_s", "interval_s",
+                                                    "samples", "exit_codes_after_sigint", "processes_left")})
     overrides = [arg for arg in overrides if arg != "--"]
     scenarios = [name for name in args.scenarios.split(",") if name]
     unknown = [name for name in scenarios if name not in SCENARIOS]
@@ -168,50 +253,10 @@ def main(argv: list[str] | None = None) -> dict:
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
 
-    times = [s["t"] for s in samples[scenarios[0]]]
-    settled_at = next(i for i, t in enumerate(times) if t >= min(args.settle, times[max(0, len(times) - WINDOW)]))
-    rows, growths = [], {}
-    for name in scenarios:
-        series = samples[name]
-        names = sorted({p for s in series[settled_at:] for p in s["processes"]})
-        for process_name in names:
-            present = [s["processes"].get(process_name) for s in series]
-            after = present[settled_at:]
-            if any(p is None for p in after) or len({p["pid"] for p in after}) > 1:
-                what = "appeared after warm-up" if after[0] is None else "replaced or gone after warm-up"
-                rows.append([name, process_name, what, "", "", "", ""])
-                growths[f"{name}/{process_name}/{what.split()[0]}"] = float("inf")
-                continue
-            rss = [p["rss"] / 2**20 if p else 0.0 for p in present]
-            fds = [p["fds"] if p else 0 for p in present]
-            g_rss, g_fds = growth(rss, settled_at), growth(fds, settled_at)
-            growths[f"{name}/{process_name}/rss"] = g_rss
-            growths[f"{name}/{process_name}/fds"] = g_fds
-            rows.append([name, process_name, f"{rss[settled_at]:.0f}", f"{rss[-1]:.0f}", f"{g_rss:+.1%}",
-                         f"{fds[settled_at]} -> {fds[-1]}", f"{g_fds:+.1%}"])
-        segments = [s["shm_segments"] for s in series]
-        shm_mib = [s["shm_bytes"] / 2**20 for s in series]
-        growths[f"{name}/shm_segments"] = growth(segments, settled_at)
-        growths[f"{name}/shm_bytes"] = growth(shm_mib, settled_at)
-        rows.append([name, "/dev/shm (whole run)", f"{shm_mib[settled_at]:.1f}", f"{shm_mib[-1]:.1f}",
-                     f"{growths[f'{name}/shm_bytes']:+.1%}", f"{segments[settled_at]} -> {segments[-1]} segments",
-                     f"{growths[f'{name}/shm_segments']:+.1%}"])
-    minutes = times[-1] / 60
-    print_table(f"Soak: {args.config}, {minutes:.1f} min; growth: median of the last {WINDOW} samples against the "
-                f"median of {WINDOW} from {times[settled_at]:.0f} s on", ["run", "process", "RSS MiB at warm-up",
-                                                                           "RSS MiB at end", "RSS growth",
-                                                                           "open fds", "fd growth"], rows)
-    worst = max(growths, key=growths.get)
-    verdict = "PASS" if growths[worst] <= TARGET_GROWTH and not any(left.values()) and all(
-        code == 128 + signal.SIGINT for code in exits.values()) else "FAIL"
-    print(f"\nlargest growth: {worst} {growths[worst]:+.1%} (target <= {TARGET_GROWTH:.0%}); exit codes after "
-          f"SIGINT {exits}; processes left {left}: {verdict}")
-    result = {
-        "config": args.config, "scenarios": scenarios, "overrides": overrides, "minutes": minutes,
-        "settle_s": args.settle, "interval_s": args.interval, "samples": samples, "growth": growths,
-        "largest_growth": {"what": worst, "growth": growths[worst]}, "exit_codes_after_sigint": exits,
-        "processes_left": left, "verdict": verdict,
-    }
+    result = {"config": args.config, "scenarios": scenarios, "overrides": overrides, "settle_s": args.settle,
+              "interval_s": args.interval, "samples": samples, "exit_codes_after_sigint": exits,
+              "processes_left": left}
+    report(result)
     write_result("soak", result)
     return result
 

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_JOIN_TIMEOUT_S = 300.0
 _MAX_STATUS_BYTES = 1000  # what a node writes into the store about a rollout it did not send
 
+
 class RemoteActingPolicy(ActingPolicy):
     """``ActingPolicy`` whose weights *and* version are written by torchrl's weight sync.
 
