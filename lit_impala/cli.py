@@ -260,6 +260,9 @@ def quiet_third_party_start_up() -> None:
     itself changes no global warning or logging state)."""
     # lightning 2.6 with torch >= 2.10: Lightning's own use of a deprecated torch pytree class.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    # A resumed run whose checkpoint already reached trainer.max_steps gets an empty train loader, so that no actor
+    # starts (ImpalaDataModule.train_dataloader); the CLI says "nothing left to train" instead.
+    warnings.filterwarnings("ignore", message=r"Total length of `\w+` across ranks is zero")
     # lightning 2.6 advertises its cloud logger at every Trainer construction.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
 

@@ -309,6 +309,9 @@ class ImpalaDataModule(L.LightningDataModule):
         # The actors start here, not in setup(): Lightning restores a checkpoint after setup() and
         # before asking for the dataloader, so the first unrolls are acted with the restored weights
         # and tagged with the restored update count.
+        trainer = self.trainer
+        if trainer is not None and trainer.max_steps is not None and 0 <= trainer.max_steps <= trainer.global_step:
+            return DataLoader([], batch_size=None)  # the checkpoint already reached the budget: no actor starts
         if self.actors is None:
             module = self.trainer.lightning_module
             self.start_actors(module.network, module.network_factory, module.global_step, self.trainer.global_rank)

@@ -148,5 +148,6 @@ def test_requeued_after_kills_during_checkpoint_writes_a_run_always_resumes_from
         assert (f"The checkpoint is at update {previous_step + 3} and trainer.max_steps is {previous_step + 3}: "
                 "nothing left to train (a larger --trainer.max_steps extends the run)") in again.stdout, again.tail()
         assert f"Training stopped after {previous_step + 3} updates" in again.stdout, again.tail()
+        assert again.spawned_actors == 0, "no actor starts for a budget already reached"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
