@@ -32,7 +32,7 @@ from lit_impala.config import ClosedUnitInterval, NonNegativeFloat, PositiveFloa
 from lit_impala.core import vtrace
 from lit_impala.core.diagnostics import UpdateTensors, update_metrics
 from lit_impala.core.distributions import make_distribution
-from lit_impala.core.losses import LossTerms, impala_loss
+from lit_impala.core.losses import LossTerms, impala_loss, normalize_advantages
 from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
@@ -47,7 +47,7 @@ class ImpalaModule(L.LightningModule):
     """IMPALA learner (Espeholt et al. 2018). Defaults are the paper's.
 
     The arguments come in groups, in this order: the env facts (linked from the data module by the CLI),
-    the network, the V-trace targets and loss, the optimizer (RMSprop, as in the paper).
+    the network, the V-trace targets and loss, the optimizer (RMSprop, as in the paper, or Adam).
 
     Args:
         observation_shape: shape of one observation (linked from the data module).
@@ -87,12 +87,26 @@ class ImpalaModule(L.LightningModule):
         pg_target: what the policy-gradient advantage bootstraps from when ``lambda_ < 1``: ``paper``
             (q_t = r_t + gamma_t * v_{t+1}; the paper, TorchBeast, scalable_agent, seed_rl) or ``rlax``
             (q_t = r_t + gamma_t * (lambda_ * v_{t+1} + (1 - lambda_) * V(x_{t+1})); rlax, Acme). Equal at lambda_ 1.
+        normalize_advantages: the policy gradient's advantages are normalised to mean 0, std 1 over each
+            batch (PPO's per-minibatch normalisation): the policy step no longer follows the rewards' scale.
+        value_normalization: ``none`` (the paper); ``running`` (Sample Factory's ``normalize_returns``) or
+            ``popart`` (PopArt, Hessel et al. 2019): the value head learns the V-trace targets in units of their
+            running mean and std, and the policy gradient's advantages are divided by that std (as PopArt's are),
+            so neither step follows the returns' scale; ``popart`` also rescales the head at each update of the
+            statistics so that its values stay as they were (``core.value_normalization``). The statistics learn
+            from applied updates, after their loss.
+        value_norm_beta: step size of those running statistics (PopArt's beta).
+        value_clip: None (the paper), or eps: PPO's clipped value loss around the value the actors computed
+            (``behaviour_value``), in the value head's units (normalised ones with ``value_normalization``).
         loss_reduction: ``sum`` over time and batch (paper) or ``mean``.
-        lr: RMSprop learning rate at the start of training.
+        optimizer: ``rmsprop`` (the paper) or ``adam`` (PPO's and Sample Factory's; pair it with
+            ``loss_reduction: mean``).
+        lr: learning rate at the start of training.
         lr_decay: decay the learning rate linearly to 0 over ``trainer.max_steps``.
         rmsprop_alpha: RMSprop smoothing constant (TensorFlow's ``decay``).
         rmsprop_eps: RMSprop epsilon; 0.01 as in the paper, assumes ``loss_reduction: sum``.
         rmsprop_momentum: RMSprop momentum.
+        adam_eps: Adam's epsilon (CleanRL's 1e-5).
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
         max_nonfinite_updates: an update whose loss or gradient is not finite is skipped (the weights,
             and so the actors, never see it; counted in ``nonfinite_updates``); this many in a row
@@ -127,12 +141,18 @@ class ImpalaModule(L.LightningModule):
         lambda_: ClosedUnitInterval = 1.0,
         policy_clip: PositiveFloat | None = None,
         pg_target: Literal["paper", "rlax"] = "paper",
+        normalize_advantages: bool = False,
+        value_normalization: Literal["none", "running", "popart"] = "none",
+        value_norm_beta: ClosedUnitInterval = 3e-4,
+        value_clip: PositiveFloat | None = None,
         loss_reduction: Literal["sum", "mean"] = "sum",
+        optimizer: Literal["rmsprop", "adam"] = "rmsprop",
         lr: PositiveFloat = 6e-4,
         lr_decay: bool = True,
         rmsprop_alpha: ClosedUnitInterval = 0.99,
         rmsprop_eps: NonNegativeFloat = 0.01,
         rmsprop_momentum: NonNegativeFloat = 0.0,
+        adam_eps: PositiveFloat = 1e-5,
         max_grad_norm: PositiveFloat | None = 40.0,
         max_nonfinite_updates: PositiveInt = 10,
     ):
@@ -158,12 +178,15 @@ class ImpalaModule(L.LightningModule):
             state_dependent_std=state_dependent_std,
             normalize_observations=normalize_observations,
             shared_encoder=shared_encoder,
+            normalize_values=value_normalization != "none",
+            value_norm_beta=value_norm_beta,
         )
         self.network = self.network_factory()
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
         self._consecutive_nonfinite = 0  # ... and in a row
         self._update: UpdateTensors | None = None  # this update's, from training_step to on_train_batch_end
         self._new_observations: Tensor | None = None  # this batch's [T, B, *obs], for the normaliser ...
+        self._new_value_targets: Tensor | None = None  # ... and its V-trace targets [T, B], for the value's ...
         self._update_applied = False  # ... once the guard let the update through
         self._grad_norm = torch.zeros(())
         self.checkpoint_step: int | None = None  # update count of the checkpoint loaded (`test` reports it)
@@ -209,16 +232,28 @@ class ImpalaModule(L.LightningModule):
             pg_target=hp.pg_target,
         )
 
-        # 4. loss terms
+        # 4. loss terms, with the advantages and values in the units the options ask for
+        pg_advantages = vtrace_returns.pg_advantages
+        if self.network.value_normalizer is not None:
+            # PopArt's policy gradient is in the same units as its value loss: scale-free as well.
+            pg_advantages = pg_advantages / self.network.value_normalizer.std.to(pg_advantages.dtype)
+        if hp.normalize_advantages:
+            pg_advantages = normalize_advantages(pg_advantages)
+        values, value_targets, behaviour_values = self._values_for_loss(output.baseline, vtrace_returns.vs, trajectory)
         terms = impala_loss(
-            target_log_prob, entropy, output.baseline, vtrace_returns, hp.baseline_coef, hp.ent_coef, hp.loss_reduction,
+            target_log_prob, entropy, values, vtrace_returns._replace(vs=value_targets, pg_advantages=pg_advantages),
+            hp.baseline_coef, hp.ent_coef, hp.loss_reduction,
             behaviour_log_prob=trajectory.behaviour_log_prob, policy_clip=hp.policy_clip,
+            behaviour_values=behaviour_values, value_clip=hp.value_clip,
         )
 
         # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)
-        if self.network.normalizer is not None and not is_replayed(batch):
+        if not is_replayed(batch):
             # Merged in optimizer_step if this update is applied: once per batch, after its loss.
-            self._new_observations = trajectory.observation
+            if self.network.normalizer is not None:
+                self._new_observations = trajectory.observation
+            if self.network.value_normalizer is not None:
+                self._new_value_targets = vtrace_returns.vs
         self._update = UpdateTensors(
             log_rhos=log_rhos,
             policy_lag=(self.global_step - trajectory.policy_version).float(),
@@ -227,6 +262,22 @@ class ImpalaModule(L.LightningModule):
             baseline=output.baseline.detach(),
         )
         return terms.total
+
+    def _values_for_loss(self, values: Tensor, value_targets: Tensor, trajectory: Trajectory):
+        """``(values, value_targets, behaviour_values)``, each ``[T, B]``, in the value head's units: normalised by
+        the value statistics when ``value_normalization`` is on (the loss and its clip are then scale-free).
+        ``behaviour_values`` is None unless ``value_clip`` needs it."""
+        behaviour_values = None
+        if self.hparams.value_clip is not None:
+            behaviour_values = trajectory.behaviour_value
+            if behaviour_values is None:
+                raise RuntimeError("model.value_clip needs the actors' behaviour_value, which this batch lacks")
+        normalizer = self.network.value_normalizer
+        if normalizer is None:
+            return values, value_targets, behaviour_values
+        if behaviour_values is not None:
+            behaviour_values = normalizer.normalize(behaviour_values)
+        return normalizer.normalize(values), normalizer.normalize(value_targets), behaviour_values
 
     @torch.no_grad()
     def _next_values(self, trajectory: Trajectory, output, terminated: Tensor) -> Tensor:
@@ -262,12 +313,25 @@ class ImpalaModule(L.LightningModule):
         # The closure: training_step, backward, then configure_gradient_clipping (which may refuse the update).
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         observations, self._new_observations = self._new_observations, None
+        value_targets, self._new_value_targets = self._new_value_targets, None
+        if value_targets is not None:
+            self._update_value_statistics(value_targets)
         if self._update_applied and observations is not None:
             # The observation statistics learn from applied updates only, after their loss (which used the
             # statistics the actors acted with), and from finite rows only: what ships to the actors and lands
             # in checkpoints stays finite.
             rows = observations.flatten(0, 1)
             self.network.normalizer.update(rows[torch.isfinite(rows).flatten(1).all(-1)])
+
+    def _update_value_statistics(self, value_targets: Tensor) -> None:
+        # Every rank merges every rank's targets (a collective, so before the applied check): the statistics,
+        # and PopArt's rescaled head, stay identical across DDP ranks.
+        gathered = self.all_gather(value_targets) if self.trainer.world_size > 1 else value_targets
+        if not self._update_applied:
+            return
+        targets = gathered.flatten()
+        head = self.network.baseline_head if self.hparams.value_normalization == "popart" else None
+        self.network.value_normalizer.update(targets[torch.isfinite(targets)], head)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # After backward, before the optimizer step: the one place to refuse an update.
@@ -305,13 +369,16 @@ class ImpalaModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.RMSprop(
-            self.network.parameters(),
-            lr=hp.lr,
-            alpha=hp.rmsprop_alpha,
-            eps=hp.rmsprop_eps,
-            momentum=hp.rmsprop_momentum,
-        )
+        if hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(self.network.parameters(), lr=hp.lr, eps=hp.adam_eps)
+        else:
+            optimizer = torch.optim.RMSprop(
+                self.network.parameters(),
+                lr=hp.lr,
+                alpha=hp.rmsprop_alpha,
+                eps=hp.rmsprop_eps,
+                momentum=hp.rmsprop_momentum,
+            )
         # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
         # measure an endless dataloader. Linear to 0 over the run (the paper), or constant.
         schedule = linear_schedule(optimizer, self.trainer.max_steps, hp.lr_decay)

@@ -117,6 +117,52 @@ def baseline_loss(vs: Tensor, values: Tensor, reduction: str = "sum") -> Tensor:
     return _reduce(0.5 * (vs.detach() - values) ** 2, reduction)
 
 
+def clipped_baseline_loss(vs: Tensor, values: Tensor, behaviour_values: Tensor, value_clip: float,
+                          reduction: str = "sum") -> Tensor:
+    """PPO's clipped value loss (Schulman et al.'s baselines, CleanRL ``clip_vloss``, Sample Factory
+    ``ppo_clip_value``): ``reduce(0.5 * max((V - vs)^2, (V_clipped - vs)^2))`` with
+    ``V_clipped = V_old + clip(V - V_old, -eps, eps)``.
+
+    Why: like the policy clip, it keeps several updates on one batch from moving the value far from the one
+    the actors had, where that move is away from the target; at ``V == V_old`` its gradient is
+    ``baseline_loss``'s.
+
+    Args:
+        vs: ``[T, B]`` value targets; treated as constants (detached).
+        values: ``[T, B]`` V(x_t) from the learner's baseline (carries the gradient).
+        behaviour_values: ``[T, B]`` V_old(x_t), what the acting network's baseline said (a constant).
+        value_clip: eps > 0, in the units of ``values``.
+        reduction: ``"sum"`` (default) or ``"mean"`` (over T * B).
+
+    Returns:
+        Scalar tensor.
+    """
+    _check_same_shape("vs", vs, "values", values)
+    _check_same_shape("vs", vs, "behaviour_values", behaviour_values)
+    if not value_clip > 0:
+        raise ValueError(f"value_clip must be > 0, got {value_clip}")
+    vs, behaviour_values = vs.detach(), behaviour_values.detach()
+    clipped = behaviour_values + (values - behaviour_values).clamp(-value_clip, value_clip)
+    return _reduce(0.5 * torch.maximum((values - vs) ** 2, (clipped - vs) ** 2), reduction)
+
+
+def normalize_advantages(advantages: Tensor, epsilon: float = 1e-8) -> Tensor:
+    """``(A - mean(A)) / (std(A) + epsilon)`` over the whole batch (PPO's per-minibatch normalisation).
+
+    Why: the policy gradient's size then no longer follows the rewards' scale, so one learning rate and one
+    entropy weight fit tasks whose returns differ by orders of magnitude.
+
+    Args:
+        advantages: ``[T, B]`` (any shape; all elements share one mean and one population std).
+        epsilon: keeps a batch of equal advantages from dividing by zero.
+
+    Returns:
+        The normalised advantages, same shape.
+    """
+    advantages = advantages.detach()
+    return (advantages - advantages.mean()) / (advantages.std(unbiased=False) + epsilon)
+
+
 def entropy_loss(entropy: Tensor, reduction: str = "sum") -> Tensor:
     """Entropy loss, ``-reduce(H(pi(.|x_t)))``: minimising it maximises the policy entropy.
 
@@ -141,6 +187,8 @@ def impala_loss(
     *,
     behaviour_log_prob: Tensor | None = None,
     policy_clip: float | None = None,
+    behaviour_values: Tensor | None = None,
+    value_clip: float | None = None,
 ) -> LossTerms:
     """Full IMPALA loss, ``policy + baseline_coef * baseline + ent_coef * entropy``.
 
@@ -156,6 +204,9 @@ def impala_loss(
         behaviour_log_prob: ``[T, B]`` log mu(a_t|x_t); needed with ``policy_clip``.
         policy_clip: None (the paper): the policy term is ``policy_gradient_loss``; eps: it is
             ``clipped_policy_gradient_loss`` (APPO).
+        behaviour_values: ``[T, B]`` V_old(x_t) of the acting network; needed with ``value_clip``.
+        value_clip: None (the paper): the baseline term is ``baseline_loss``; eps: it is
+            ``clipped_baseline_loss``.
 
     Returns:
         ``LossTerms`` of scalars: the weighted ``total`` and the unweighted ``policy``, ``baseline``
@@ -172,7 +223,12 @@ def impala_loss(
         policy = clipped_policy_gradient_loss(
             target_log_prob, behaviour_log_prob, vtrace_returns.pg_advantages, policy_clip, reduction
         )
-    baseline = baseline_loss(vtrace_returns.vs, values, reduction)
+    if value_clip is None:
+        baseline = baseline_loss(vtrace_returns.vs, values, reduction)
+    elif behaviour_values is None:
+        raise ValueError("value_clip needs behaviour_values")
+    else:
+        baseline = clipped_baseline_loss(vtrace_returns.vs, values, behaviour_values, value_clip, reduction)
     entropy_term = entropy_loss(entropy, reduction)
     total = policy + baseline_coef * baseline + ent_coef * entropy_term
     return LossTerms(total=total, policy=policy, baseline=baseline, entropy=entropy_term)

@@ -20,6 +20,7 @@ from lit_impala.core.encoders import (
     ObservationNormalizer,
     ResNetEncoder,
 )
+from lit_impala.core.value_normalization import ValueNormalizer
 
 INIT_FNS = ("orthogonal", "xavier_uniform", "identity")
 
@@ -75,6 +76,10 @@ class ImpalaAgent(nn.Module):
             has an encoder of its own, of the same shape (``baseline_encoder``), so the value loss does not
             move the policy's features, as PPO baselines do for MuJoCo. Feed-forward agents only: with an
             LSTM the value needs the core's memory.
+        normalize_values: the baseline head learns value targets in units of their running statistics
+            (``value_normalizer``, ``core.value_normalization``); ``baseline`` is given denormalised, so every
+            caller sees values in the returns' own scale. The learner calls ``value_normalizer.update``.
+        value_norm_beta: step size of those running statistics.
     """
 
     def __init__(
@@ -93,6 +98,8 @@ class ImpalaAgent(nn.Module):
         state_dependent_std: bool = False,
         normalize_observations: bool = False,
         shared_encoder: bool = True,
+        normalize_values: bool = False,
+        value_norm_beta: float = 3e-4,
     ):
         super().__init__()
         _check_choice("encoder", encoder, ENCODERS)
@@ -126,6 +133,7 @@ class ImpalaAgent(nn.Module):
         learned_log_std = gaussian and not state_dependent_std
         self.policy_head = nn.Linear(core_size, distribution.action_dim if learned_log_std else distribution.param_size)
         self.baseline_head = nn.Linear(core_size, 1)
+        self.value_normalizer = ValueNormalizer(value_norm_beta) if normalize_values else None
         if learned_log_std:
             self.log_std = nn.Parameter(torch.full((distribution.action_dim,), float(log_std_init)))
         else:
@@ -218,7 +226,10 @@ class ImpalaAgent(nn.Module):
             policy_params = torch.cat([policy_params, self.log_std.expand_as(policy_params)], dim=-1)
         # Without LSTM (checked in __init__) the value's own features need no time order either.
         value_input = core_output if self.baseline_encoder is None else self.baseline_encoder(x).reshape(*leading, -1)
-        return AgentOutput(policy_params, self.baseline_head(value_input).squeeze(-1), core_states)
+        baseline = self.baseline_head(value_input).squeeze(-1)
+        if self.value_normalizer is not None:
+            baseline = self.value_normalizer.denormalize(baseline)
+        return AgentOutput(policy_params, baseline, core_states)
 
     def _unroll(
         self, features: Tensor, core_state: CoreState | None, is_init: Tensor | None

@@ -215,3 +215,63 @@ def test_impala_loss_uses_the_clip_only_when_asked():
         losses.impala_loss(*args, policy_clip=0.2)
     with pytest.raises(ValueError, match="policy_clip must be > 0, got 0"):
         losses.clipped_policy_gradient_loss(x["target_log_prob"], behaviour, x["pg_advantages"], 0.0)
+
+
+# --- the options of the family configs: advantage normalisation and the clipped value loss ----------------
+
+
+def test_normalize_advantages_by_hand():
+    advantages = torch.tensor([[1.0, 3.0], [5.0, 7.0]], dtype=torch.float64, requires_grad=True)
+    normalized = losses.normalize_advantages(advantages, epsilon=0.0)
+    std = (sum((a - 4.0) ** 2 for a in (1, 3, 5, 7)) / 4) ** 0.5  # population std: sqrt(5)
+    torch.testing.assert_close(normalized, (advantages.detach() - 4.0) / std, rtol=1e-15, atol=0)
+    assert not normalized.requires_grad  # advantages are constants of the policy gradient
+    flat = losses.normalize_advantages(torch.full((3, 2), 2.5, dtype=torch.float64))
+    assert torch.equal(flat, torch.zeros(3, 2, dtype=torch.float64))  # equal advantages: no division by zero
+
+
+@pytest.mark.parametrize("reduction, scale", [("mean", 1 / N), ("sum", 1.0)])
+def test_clipped_baseline_loss_by_hand(reduction, scale):
+    x = small_tensors()
+    behaviour_values = torch.tensor([[0.0, 2.0], [-1.0, 1.0], [1.2, 3.0]], dtype=torch.float64)
+    eps = 0.3
+
+    def hand(v, target, old):
+        clipped = old + min(max(v - old, -eps), eps)
+        return 0.5 * max((v - target) ** 2, (clipped - target) ** 2)
+
+    loss = losses.clipped_baseline_loss(x["vs"], x["values"], behaviour_values, eps, reduction)
+    expected = scale * hand_sum(hand, x["values"], x["vs"], behaviour_values)
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    # by hand: the gradient flows through whichever branch is larger; a clipped branch outside the clip has none
+    for t in range(T):
+        for b in range(B):
+            v, target, old = x["values"][t, b].item(), x["vs"][t, b].item(), behaviour_values[t, b].item()
+            clipped = old + min(max(v - old, -eps), eps)
+            inside = -eps < v - old < eps
+            grad = (v - target) if (v - target) ** 2 >= (clipped - target) ** 2 else ((clipped - target) if inside
+                                                                                       else 0.0)
+            assert x["values"].grad[t, b].item() == pytest.approx(scale * grad, abs=1e-12)
+
+
+def test_clipped_baseline_loss_equals_the_plain_one_at_the_old_values():
+    x = small_tensors()
+    values = x["values"]
+    plain = losses.baseline_loss(x["vs"], values)
+    clipped = losses.clipped_baseline_loss(x["vs"], values, values.detach(), 0.2)
+    assert clipped.item() == pytest.approx(plain.item(), rel=1e-15)
+
+
+def test_impala_loss_uses_the_value_clip_only_when_asked():
+    x = small_tensors(requires_grad=False)
+    returns = vtrace.VTraceReturns(vs=x["vs"], pg_advantages=x["pg_advantages"])
+    old = x["values"] + 1.0
+    args = (x["target_log_prob"], x["entropy"], x["values"], returns)
+    plain = losses.impala_loss(*args, behaviour_values=old)
+    clipped = losses.impala_loss(*args, behaviour_values=old, value_clip=0.2)
+    assert plain.baseline.item() == pytest.approx(losses.baseline_loss(x["vs"], x["values"]).item())
+    assert clipped.baseline.item() == pytest.approx(
+        losses.clipped_baseline_loss(x["vs"], x["values"], old, 0.2).item())
+    with pytest.raises(ValueError, match="value_clip needs behaviour_values"):
+        losses.impala_loss(*args, value_clip=0.2)
