@@ -24,6 +24,7 @@ NONFINITE_KEY = "nonfinite"  # bool [B, T], data.nonfinite_data drop (envs.finit
 ACTION_KEY = "action"  # what the env receives (continuous samples are clipped or squashed into bounds)
 POLICY_SAMPLE_KEY = "policy_sample"  # what the distribution drew: the log-probs on both sides are of this
 BEHAVIOUR_LOG_PROB_KEY = "behaviour_log_prob"  # log mu(a_t | x_t) of the policy that acted
+BEHAVIOUR_VALUE_KEY = "behaviour_value"  # float32 [N, T]: V(x_t) under the weights that acted (PPO's old values)
 POLICY_VERSION_KEY = "policy_version"  # int64: learner updates behind the weights that acted
 CORE_STATE_KEYS = ("core_state_h", "core_state_c")  # LSTM state entering the step
 
@@ -37,6 +38,7 @@ BATCH_KEYS = [
     IS_INIT_KEY,
     POLICY_SAMPLE_KEY,
     BEHAVIOUR_LOG_PROB_KEY,
+    BEHAVIOUR_VALUE_KEY,
     POLICY_VERSION_KEY,
     *CORE_STATE_KEYS,
     ("next", OBSERVATION_KEY),
@@ -65,6 +67,7 @@ class Trajectory(NamedTuple):
     episode_length: Tensor  # [T, B] running length; the finished episode's length where done
     initial_core_state: tuple[Tensor, Tensor] | None  # ([B, H], [B, H]) the actor's state entering t=0
     life_lost: Tensor | None = None  # [T, B] bool, a life was lost at t: terminal for learning only
+    behaviour_value: Tensor | None = None  # [T, B] V(x_t) under the weights that acted; None where not recorded
 
     @property
     def done(self) -> Tensor:
@@ -105,4 +108,5 @@ def to_time_major(batch: TensorDictBase) -> Trajectory:
         life_lost=batch.get(("next", LIFE_LOST_KEY)).transpose(0, 1)
         if ("next", LIFE_LOST_KEY) in batch.keys(True)
         else None,
+        behaviour_value=get(BEHAVIOUR_VALUE_KEY) if BEHAVIOUR_VALUE_KEY in batch.keys() else None,
     )

@@ -33,6 +33,7 @@ from lit_impala.actors.policy import ActingPolicy, act, prepare_actor_process, s
 from lit_impala.schema import (
     ACTION_KEY,
     BEHAVIOUR_LOG_PROB_KEY,
+    BEHAVIOUR_VALUE_KEY,
     CORE_STATE_KEYS,
     IS_INIT_KEY,
     OBSERVATION_KEY,
@@ -79,6 +80,7 @@ class ServedNetwork(nn.Module):
                 ACTION_KEY: step.action,
                 POLICY_SAMPLE_KEY: step.sample,
                 BEHAVIOUR_LOG_PROB_KEY: step.log_prob,
+                BEHAVIOUR_VALUE_KEY: step.value,
                 POLICY_VERSION_KEY: torch.full((k * n,), self.version, dtype=torch.int64, device=self.device),
             },
             batch_size=[k * n],
@@ -145,7 +147,7 @@ class ServedPolicy(TensorDictModuleBase):
         reply = self.client(request)
         if self.use_lstm:
             self._core_state = (reply.get(NEXT_CORE_STATE_KEYS[0]), reply.get(NEXT_CORE_STATE_KEYS[1]))
-        for key in (ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, POLICY_VERSION_KEY):
+        for key in (ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, BEHAVIOUR_VALUE_KEY, POLICY_VERSION_KEY):
             tensordict.set(key, reply.get(key))
         return tensordict
 

@@ -40,9 +40,9 @@ class RemoteActingPolicy(ActingPolicy):
     """``ActingPolicy`` whose weights *and* version are written by torchrl's weight sync.
 
     Writes the same keys as ``ActingPolicy`` (``action``, ``policy_sample``, ``behaviour_log_prob``,
-    ``policy_version`` and, with an LSTM core, ``core_state_h`` / ``core_state_c``). The version is
-    the registered int64 buffer ``policy_version``, part of ``TensorDict.from_module(policy)``: the
-    learner sets it together with the weights (``load_learner_weights``) and torchrl sends both.
+    ``behaviour_value``, ``policy_version`` and, with an LSTM core, ``core_state_h`` / ``core_state_c``).
+    The version is the registered int64 buffer ``policy_version``, part of ``TensorDict.from_module(policy)``:
+    the learner sets it together with the weights (``load_learner_weights``) and torchrl sends both.
     """
 
     def __init__(self, network: nn.Module):

@@ -3,8 +3,9 @@
 ``ActingPolicy`` holds a private CPU copy of the learner's network, refreshed from a
 ``WeightMailbox`` between steps, samples actions and records what the learner needs to correct for
 the lag: the log-probability of each sample under the policy that drew it (``behaviour_log_prob``),
-the version of the weights that policy had (``policy_version``) and, for recurrent policies, the
-core state each step started from.
+that policy's value estimate of the step (``behaviour_value``, for value-loss clipping), the version of
+the weights that policy had (``policy_version``) and, for recurrent policies, the core state each step
+started from.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.schema import (
     ACTION_KEY,
     BEHAVIOUR_LOG_PROB_KEY,
+    BEHAVIOUR_VALUE_KEY,
     CORE_STATE_KEYS,
     IS_INIT_KEY,
     OBSERVATION_KEY,
@@ -42,17 +44,19 @@ class ActingPolicy(TensorDictModuleBase):
     """Behaviour policy over a batch of N envs, one step at a time.
 
     Reads ``observation [N, *obs]`` and ``is_init [N, 1]``; writes ``action``, ``policy_sample``,
-    ``behaviour_log_prob [N]``, ``policy_version [N]`` (int64: learner updates behind the weights
-    that acted) and, with an LSTM core, ``core_state_h`` / ``core_state_c`` ``[N, H]``: the state
-    carried into this step (before the reset that ``is_init`` implies, exactly what the learner is
-    given for the first step of an unroll).
+    ``behaviour_log_prob [N]``, ``behaviour_value [N]`` (the network's ``baseline`` output of the same
+    forward), ``policy_version [N]`` (int64: learner updates behind the weights that acted) and, with
+    an LSTM core, ``core_state_h`` / ``core_state_c`` ``[N, H]``: the state carried into this step
+    (before the reset that ``is_init`` implies, exactly what the learner is given for the first step
+    of an unroll).
 
     Before each step it takes the newest complete snapshot from ``mailbox`` (if any): updates land
     between steps only, so one step never mixes two versions of the weights.
     """
 
     in_keys = [OBSERVATION_KEY, IS_INIT_KEY]
-    out_keys = [ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, POLICY_VERSION_KEY, *CORE_STATE_KEYS]
+    out_keys = [ACTION_KEY, POLICY_SAMPLE_KEY, BEHAVIOUR_LOG_PROB_KEY, BEHAVIOUR_VALUE_KEY, POLICY_VERSION_KEY,
+                *CORE_STATE_KEYS]
 
     def __init__(self, network: nn.Module, mailbox: WeightMailbox):
         super().__init__()
@@ -99,6 +103,7 @@ class ActingPolicy(TensorDictModuleBase):
         tensordict.set(ACTION_KEY, step.action)
         tensordict.set(POLICY_SAMPLE_KEY, step.sample)
         tensordict.set(BEHAVIOUR_LOG_PROB_KEY, step.log_prob)
+        tensordict.set(BEHAVIOUR_VALUE_KEY, step.value)
         tensordict.set(POLICY_VERSION_KEY, torch.full((num_envs,), self._version, dtype=torch.int64))
         return tensordict
 
@@ -117,6 +122,7 @@ class ActingStep(NamedTuple):
     action: torch.Tensor  # [N, *action]: what the envs receive
     sample: torch.Tensor  # [N, *sample]: what the distribution drew
     log_prob: torch.Tensor  # [N]: log mu(sample | observation)
+    value: torch.Tensor  # [N]: V(observation), the network's baseline output in the same forward
     next_core_state: tuple[torch.Tensor, torch.Tensor] | None  # [N, H] each, LSTM only
 
 
@@ -134,7 +140,7 @@ def act(network: nn.Module, observation: torch.Tensor, is_init: torch.Tensor,
     if output.core_states is not None:
         next_core_state = (output.core_states[0][0], output.core_states[1][0])
     return ActingStep(distribution.to_env_action(sample), sample, distribution.log_prob(params, sample),
-                      next_core_state)
+                      output.baseline[0], next_core_state)
 
 
 def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:

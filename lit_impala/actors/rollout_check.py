@@ -1,11 +1,12 @@
 """Is a rollout from a remote actor node fit to learn from? Pure checks, no I/O.
 
 A rollout is a TensorDict ``[N, T]`` (``N = envs_per_actor`` envs, ``T = unroll_length`` steps) with the keys of
-``schema`` (``observation [N, T, *obs]``, ``behaviour_log_prob [N, T]``, ``policy_version [N, T]`` int64,
-``policy_sample [N, T, *sample]``, ``("next", "reward") [N, T]`` ...). The learner receives every rollout
-into fixed buffers of that structure, so what it checks on arrival is the values; each node checks the
-structure of its rollout before it sends it (a message of another size would abort the learner inside
-gloo), with the same ``structure_problem``.
+``schema`` (``observation [N, T, *obs]``, ``behaviour_log_prob [N, T]``, ``behaviour_value [N, T]``,
+``policy_version [N, T]`` int64, ``policy_sample [N, T, *sample]``, ``("next", "reward") [N, T]`` ...). The
+learner receives every rollout into fixed buffers of that structure (every key the acting policy writes is
+required), so what it checks on arrival is the values (every float must be finite, ``behaviour_value``
+included); each node checks the structure of its rollout before it sends it (a message of
+another size would abort the learner inside gloo), with the same ``structure_problem``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Batched inference on a GPU: the served policy on CUDA acts with exactly the learner's log-probs and versions."""
+"""Batched inference on a GPU: the served policy on CUDA acts with exactly the learner's log-probs, values and
+versions."""
 
 from functools import partial
 
@@ -32,6 +33,7 @@ def test_served_policy_on_cuda_is_on_policy_and_versioned(use_lstm):
                 output = network(trajectory.observation, state, trajectory.is_init)
             log_prob = network.distribution.log_prob(output.policy_params, trajectory.action)
             torch.testing.assert_close(log_prob, trajectory.behaviour_log_prob, atol=1e-4, rtol=0)
+            torch.testing.assert_close(output.baseline, trajectory.behaviour_value, atol=1e-4, rtol=0)
             assert (trajectory.policy_version == 3).all()
         assert data.actors.inference.model.network.policy_head.weight.device.type == "cuda"
     finally:

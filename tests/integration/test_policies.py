@@ -1,4 +1,5 @@
-"""Acting and learning agree: with equal weights the learner's log-probs are the actors' (rho == 1).
+"""Acting and learning agree: with equal weights the learner's log-probs are the actors' (rho == 1), and so are
+its values (``behaviour_value``, the old values of value-loss clipping).
 
 Each test runs with both inference modes: the policy in each actor process (``inference="actor"``) and one
 batched policy in this process serving all actors (``inference="server"``, ``actors.inference``).
@@ -44,6 +45,12 @@ def learner_log_probs(network, trajectory, core_state="stored"):
     return network.distribution.log_prob(output.policy_params, trajectory.action)
 
 
+def learner_values(network, trajectory):
+    """``V(x_t) [T, B]`` as the learner computes it, from the actors' stored core state."""
+    with torch.no_grad():
+        return network(trajectory.observation, trajectory.initial_core_state, trajectory.is_init).baseline
+
+
 INFERENCE = pytest.mark.parametrize("inference", ["actor", "server"])
 
 
@@ -62,6 +69,7 @@ def test_recurrent_policy_is_on_policy(hidden, inference):
         torch.testing.assert_close(
             learner_log_probs(network, trajectory), trajectory.behaviour_log_prob, atol=1e-5, rtol=0
         )
+        torch.testing.assert_close(learner_values(network, trajectory), trajectory.behaviour_value, atol=1e-5, rtol=0)
         boundaries_inside += int(trajectory.done[:-1].sum())
         assert trajectory.initial_core_state[0].shape == (6, 32)
     assert boundaries_inside > 10  # resets happened inside unrolls, not only at their edges
@@ -90,6 +98,7 @@ def test_continuous_policy_is_on_policy(squash, inference):
         torch.testing.assert_close(
             learner_log_probs(network, trajectory), trajectory.behaviour_log_prob, atol=1e-5, rtol=0
         )
+        torch.testing.assert_close(learner_values(network, trajectory), trajectory.behaviour_value, atol=1e-5, rtol=0)
         assert trajectory.truncated.any()
     samples = torch.cat([t.action.flatten() for t in batches])
     assert (samples.abs() > 2).any()  # the Gaussian sample itself is unbounded: log-probs are of it

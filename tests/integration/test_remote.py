@@ -54,6 +54,13 @@ def _log_prob_under(network, rollout):
     return network.distribution.log_prob(params, rollout["policy_sample"].reshape(n * t)).reshape(n, t)
 
 
+def _value_under(network, rollout):
+    """``V(x_t) [N, T]`` under ``network``: the behaviour value iff the rollout was acted with these weights."""
+    n, t = rollout.batch_size
+    with torch.no_grad():
+        return network(rollout["observation"].reshape(1, n * t, -1)).baseline[0].reshape(n, t)
+
+
 def _actor_processes():
     # torchrl's "mp" launcher starts the nodes with spawn; the resource tracker is not an actor.
     return [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
@@ -102,6 +109,8 @@ def test_remote_actors_feed_a_learner_and_leave_nothing_behind():
         trajectory = to_time_major(batch)  # what training_step reads
         assert trajectory.reward.shape == (UNROLL_LENGTH, BATCH_SIZE)
         torch.testing.assert_close(trajectory.behaviour_log_prob.T, _log_prob_under(start_weights, batch))
+        assert batch["behaviour_value"].dtype == torch.float32
+        torch.testing.assert_close(trajectory.behaviour_value.T, _value_under(start_weights, batch))
 
         # A real learner: STEPS updates on remote unrolls, publishing after each one.
         trainer = L.Trainer(
@@ -123,6 +132,7 @@ def test_remote_actors_feed_a_learner_and_leave_nothing_behind():
         assert final is not None, "no rollout acted with the last published weights"
         torch.testing.assert_close(final["behaviour_log_prob"], _log_prob_under(module.network, final))
         assert not torch.allclose(final["behaviour_log_prob"], _log_prob_under(start_weights, final), atol=1e-6)
+        torch.testing.assert_close(final["behaviour_value"], _value_under(module.network, final))
     finally:
         actors.shutdown()
     _assert_all_gone(nodes)

@@ -37,6 +37,7 @@ def test_batches_have_the_requested_shape(batches):
         assert trajectory.reward.shape == (25, 12)
         assert trajectory.observation.shape == (25, 12, 4)
         assert trajectory.action.dtype == torch.int64
+        assert trajectory.behaviour_value.shape == (25, 12)
 
 
 def test_every_step_is_a_real_step(batches):

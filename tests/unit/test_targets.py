@@ -70,6 +70,15 @@ def test_time_major_layout():
     assert trajectory.initial_core_state is None  # no recurrent core in this batch
 
 
+def test_behaviour_value_is_time_major_and_optional():
+    batch = hand_built_batch()
+    assert to_time_major(batch).behaviour_value is None  # data from a producer that does not record it
+    batch.set("behaviour_value", torch.tensor([[1.0, 2.0, 10.0, 11.0, 20.0]]))  # [B=1, T=5]: V(obs), as it acted
+    trajectory = to_time_major(batch)
+    assert trajectory.behaviour_value.shape == (5, 1)
+    assert trajectory.behaviour_value[:, 0].tolist() == [1.0, 2.0, 10.0, 11.0, 20.0]
+
+
 def targets_for(trajectory, discount, **options):
     """What the learner does: the values of the next observations the rules ask for, then the targets.
     The other steps hold NaN: a rule that read one would show it."""

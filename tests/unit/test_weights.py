@@ -1,5 +1,6 @@
 """The weight mailbox: versioned, complete snapshots reach the actors, nothing unpublished does."""
 
+import copy
 import multiprocessing as mp
 from functools import partial
 
@@ -10,6 +11,12 @@ from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.core.networks import ActorCriticMLP
 from lit_impala.data import ImpalaDataModule
 from lit_impala.schema import to_time_major
+
+
+def _value_under(network, trajectory):
+    """``V(x_t) [T, B]`` under ``network``: the behaviour value iff it acted with these weights."""
+    with torch.no_grad():
+        return network(trajectory.observation).baseline
 
 
 def _read_in_child(mailbox, queue):
@@ -58,23 +65,29 @@ def test_actors_act_with_published_versions_only(inference):
     data = ImpalaDataModule("CartPole-v1", num_actors=2, envs_per_actor=4, unroll_length=10, batch_size=4, seed=0,
                             inference=inference)
     learner = ActorCriticMLP(4, 2)
+    version_0 = copy.deepcopy(learner)
     data.start_actors(learner, partial(ActorCriticMLP, 4, 2), version=0)
     try:
         stream = iter(data.train_dataloader())
         next(stream)
         # An in-place change the learner never published must not reach the actors: make action 1
-        # certain in the learner's copy; the actors must still act with version 0's near-uniform policy.
+        # certain in the learner's copy (and shift its values); the actors must still act with
+        # version 0's near-uniform policy and record version 0's values.
         with torch.no_grad():
             learner.policy_head.bias.copy_(torch.tensor([-50.0, 50.0]))
+            learner.baseline_head.bias.add_(10.0)
         unpublished = [to_time_major(next(stream)) for _ in range(6)][-2:]
         for trajectory in unpublished:
             assert (trajectory.policy_version == 0).all()
             assert 0.2 < trajectory.action.float().mean() < 0.8
+            torch.testing.assert_close(trajectory.behaviour_value, _value_under(version_0, trajectory))
         data.publish_weights(learner, version=5)
         for _ in range(8):  # rollouts already in flight may still carry version 0
             trajectory = to_time_major(next(stream))
         assert (trajectory.policy_version == 5).all()
         assert (trajectory.action == 1).all()
         assert torch.allclose(trajectory.behaviour_log_prob, torch.zeros(()), atol=1e-6)
+        assert trajectory.behaviour_value.dtype == torch.float32
+        torch.testing.assert_close(trajectory.behaviour_value, _value_under(learner, trajectory))
     finally:
         data.stop_actors()
