@@ -128,11 +128,11 @@ TASKS: dict[str, Task] = {
 
 def updates_for(frames: float, config: Path, overrides: tuple[str, ...]) -> int:
     """``trainer.max_steps`` that learns from ``frames`` env frames: batches of ``unroll_length x batch_size``
-    frames, ``passes_per_batch`` updates each (the config's values, then those of any ``--config=`` override file
-    and ``--data.*=`` override in order, else the data module's defaults)."""
+    frames, ``passes_per_batch x minibatches_per_pass`` updates each (the config's values, then those of any
+    ``--config=`` override file and ``--data.*=`` override in order, else the data module's defaults)."""
     import yaml
 
-    values = {"unroll_length": 20, "batch_size": 32, "passes_per_batch": 1}
+    values = {"unroll_length": 20, "batch_size": 32, "passes_per_batch": 1, "minibatches_per_pass": 1}
     for path in (config, *(Path(o) for o in map(override_config, overrides) if o is not None)):
         data = (yaml.safe_load(path.read_text()) or {}).get("data", {})
         values.update({key: data[key] for key in values if key in data})
@@ -141,7 +141,7 @@ def updates_for(frames: float, config: Path, overrides: tuple[str, ...]) -> int:
             if override.startswith(f"--data.{key}="):
                 values[key] = int(override.split("=", 1)[1])
     batches = max(1, math.ceil(frames / (values["unroll_length"] * values["batch_size"])))
-    return batches * values["passes_per_batch"]
+    return batches * values["passes_per_batch"] * values["minibatches_per_pass"]
 
 
 def override_config(override: str) -> str | None:

@@ -32,26 +32,48 @@ def _identity(batch):
     return batch
 
 
+def minibatch_indices(batch_size: int, minibatches: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """One pass's minibatches: a random permutation of the unrolls ``0 .. batch_size - 1`` split into
+    ``minibatches`` index tensors ``[batch_size / minibatches]``, each unroll in exactly one. Whole unrolls
+    (never steps) so that V-trace keeps each unroll's time order and an LSTM its initial state."""
+    return list(torch.randperm(batch_size, generator=generator).chunk(minibatches))
+
+
 class UnrollStream(IterableDataset):
     """Endless stream of learner batches ``[batch_size, unroll_length]`` from a torchrl collector.
 
     Each collector item is one actor's ``[envs_per_actor, unroll_length]`` rollout; unrolls are
     regrouped into batches of exactly ``batch_size``. An unroll holding a step its env marked non-finite
     (``NONFINITE_KEY``, ``data.nonfinite_data: drop``) is dropped first, and counted in ``unrolls_dropped``;
-    no other is. Each batch is yielded ``passes`` times in a row; every pass after the first carries
-    ``REPLAYED_KEY`` True, so that its frames, episodes and observation statistics are counted once.
+    no other is. Each batch is gone over ``passes`` times in a row, each pass as ``minibatches`` minibatches
+    ``[batch_size / minibatches, unroll_length]`` of whole unrolls in a fresh random order (drawn from a
+    generator seeded with ``seed``); with one minibatch a pass is the batch itself, in arrival order. Every
+    minibatch of a pass after the first carries ``REPLAYED_KEY`` True, so that the first pass's minibatches
+    count the batch's frames, episodes and observation statistics exactly once.
     """
 
-    def __init__(self, rollouts, batch_size: int, passes: int = 1):
+    def __init__(self, rollouts, batch_size: int, passes: int = 1, minibatches: int = 1, seed: int = 0):
+        if batch_size % minibatches:
+            raise ValueError(f"batch_size {batch_size} does not split into {minibatches} minibatches of whole unrolls")
         self.rollouts = rollouts  # a collector, or anything iterable yielding its rollouts
         self.batch_size = batch_size
         self.passes = passes
+        self.minibatches = minibatches
+        self.seed = seed
         self.unrolls_dropped = 0
 
     def __iter__(self) -> Iterator[TensorDictBase]:
+        # Seeded per iteration: the same rollouts give the same minibatches.
+        generator = torch.Generator().manual_seed(self.seed)
         for batch in self._batches():
             for learning_pass in range(self.passes):
-                yield batch.copy().set(REPLAYED_KEY, torch.full(batch.batch_size, learning_pass > 0))
+                replayed = learning_pass > 0
+                if self.minibatches == 1:  # the batch itself (no gather): a repeat shares its frames
+                    yield batch.copy().set(REPLAYED_KEY, torch.full(batch.batch_size, replayed))
+                    continue
+                for index in minibatch_indices(self.batch_size, self.minibatches, generator):
+                    minibatch = batch[index]  # a gather: its own tensors, free to tag
+                    yield minibatch.set(REPLAYED_KEY, torch.full(minibatch.batch_size, replayed))
 
     def _batches(self) -> Iterator[TensorDictBase]:
         pending: list[TensorDictBase] = []
@@ -97,6 +119,12 @@ class ImpalaDataModule(L.LightningDataModule):
             (as APPO's ``num_sgd_iter`` or Sample Factory's ``num_epochs``): V-trace corrects for the
             policy moving between the passes, and the extra updates count in ``trainer.max_steps`` while the
             batch's frames and episodes count once.
+        minibatches_per_pass: each pass over a batch is split into this many minibatches of
+            ``batch_size / minibatches_per_pass`` whole unrolls, in a fresh random order each pass (as PPO's
+            ``num_minibatches`` or Sample Factory's ``num_batches_per_epoch``); ``batch_size`` must be a multiple
+            of it. Each minibatch is one learner update, so ``trainer.max_steps`` counts batches x
+            ``passes_per_batch`` x ``minibatches_per_pass``. Whole unrolls keep V-trace's time order and an
+            LSTM's initial state. The order is drawn from ``seed`` (and the DDP rank): a run is reproducible.
         seed: base env seed; each actor (and each DDP rank) gets a distinct seed derived from it.
             None (default): the run's seed (``seed_everything``, read via ``torch.initial_seed()``).
         max_episode_steps: override the env's time limit (episodes are *truncated* there); None
@@ -168,6 +196,7 @@ class ImpalaDataModule(L.LightningDataModule):
         unroll_length: PositiveInt = 20,
         batch_size: PositiveInt = 32,
         passes_per_batch: PositiveInt = 1,
+        minibatches_per_pass: PositiveInt = 1,
         seed: int | None = None,
         max_episode_steps: PositiveInt | None = None,
         observation_key: str | None = None,
@@ -194,6 +223,9 @@ class ImpalaDataModule(L.LightningDataModule):
     ):
         super().__init__()
         check_arguments(ImpalaDataModule.__init__, locals())
+        if batch_size % minibatches_per_pass:
+            raise ValueError(f"batch_size {batch_size} does not split into minibatches_per_pass={minibatches_per_pass} "
+                             "minibatches of whole unrolls: batch_size must be a multiple of minibatches_per_pass")
         if actors == "remote" and sync_actors:
             raise ValueError("sync_actors: true is for local actors; remote actors always deliver as they finish")
         if actors == "remote" and inference == "server":
@@ -320,7 +352,12 @@ class ImpalaDataModule(L.LightningDataModule):
         # A CUDA learner: page-locked batches, so training_step's .to(device, non_blocking=True) is
         # an asynchronous copy.
         to_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        self._unroll_stream = UnrollStream(_PoolRollouts(self), self.hparams.batch_size, self.hparams.passes_per_batch)
+        hp = self.hparams
+        # The minibatch order has its own stream of the env seed, distinct per rank (as the actors' seeds are).
+        rank = trainer.global_rank if trainer is not None else 0
+        order_seed = int(np.random.SeedSequence([self.env_seed, rank, 11]).generate_state(1)[0])
+        self._unroll_stream = UnrollStream(_PoolRollouts(self), hp.batch_size, hp.passes_per_batch,
+                                           hp.minibatches_per_pass, seed=order_seed)
         return DataLoader(
             self._unroll_stream,
             batch_size=None,

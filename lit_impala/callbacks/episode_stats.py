@@ -1,6 +1,6 @@
 """Training progress: env frames, the recent episodes, speed, and the stop rule, over all DDP ranks.
 
-``EpisodeStats`` counts what each applied update consumed (its batch's frames and finished episodes),
+``EpisodeStats`` counts what each applied update consumed (its batch's or minibatch's frames and finished episodes),
 sums it over the DDP ranks once per update, logs it, and stops training once the mean return of the
 recent episodes reaches ``stop_at_return``. Its counts are saved in checkpoints (``state_dict``), so a
 resumed run goes on counting where it stopped.
@@ -89,7 +89,9 @@ class EpisodeStats(L.Callback):
         # After the optimizer step (global_step counts this update): its frames and episodes count now.
         now = time.perf_counter()
         self._batch_end_time = now
-        if not is_replayed(batch):  # a repeat pass over the same frames (data.passes_per_batch) adds nothing
+        # A repeat pass over the same frames (data.passes_per_batch) adds nothing; the first pass's minibatches
+        # (data.minibatches_per_pass) each add their own unrolls.
+        if not is_replayed(batch):
             trajectory = to_time_major(batch)
             self.env_frames += trajectory.reward.numel()
             done = trajectory.done

@@ -121,11 +121,13 @@ def test_learning_benchmark_bad_input_is_one_line_and_exit_2(arguments, message,
 
 
 def test_learning_budgets_count_frames_not_updates():
-    """trainer.max_steps for a frame budget: one update per batch of unroll x batch frames, times the passes."""
+    """trainer.max_steps for a frame budget: one update per batch of unroll x batch frames, times the passes and
+    the minibatches of each pass."""
     config = learning.REPO / "configs" / "mujoco.yaml"
     assert learning.updates_for(5e6, config, ()) == 7813  # 640 frames per batch
     assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4",)) == 4 * 7813
     assert learning.updates_for(5e6, config, ("--data.batch_size=8",)) == 31250
+    assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4", "--data.minibatches_per_pass=2")) == 8 * 7813
     # an overlay file given as --config=...: its data section counts, read after the task's config
     assert learning.updates_for(5e6, config, ("--config=configs/mujoco_appo.yaml",)) == 4 * 7813
     assert learning.override_config("--config=configs/mujoco_appo.yaml") == str(learning.REPO / "configs" /

@@ -79,6 +79,17 @@ def test_passes_per_batch_takes_more_updates_and_counts_each_frame_once(tmp_path
     assert checkpoint["state_dict"]["network.normalizer.count"].item() == 2 * 5 * 4
 
 
+def test_minibatches_split_each_pass_and_count_each_frame_once(tmp_path):
+    """2 passes of 3 minibatches over each batch of 6 unrolls: 6 updates of 2 unrolls learn from one batch, whose
+    frames and observations count once."""
+    cli = cli_main(["fit", *tiny(tmp_path, "--data.batch_size=6", "--data.passes_per_batch=2",
+                                 "--data.minibatches_per_pass=3", "--model.normalize_observations=true",
+                                 "--trainer.logger=false")])
+    assert cli.trainer.global_step == 6
+    assert EpisodeStats.of(cli.trainer).env_frames == 6 * 5
+    assert cli.model.network.normalizer.count.item() == 6 * 5
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", CONFIG, "--print_config"])
@@ -126,6 +137,7 @@ BAD_INPUTS = [
     ("--data.batch_size=0", "data.batch_size: expected a PositiveInt (v>0), got 0"),
     ("--data.envs_per_actor=-2", "data.envs_per_actor: expected a PositiveInt (v>0), got -2"),
     ("--data.passes_per_batch=0", "data.passes_per_batch: expected a PositiveInt (v>0), got 0"),
+    ("--data.minibatches_per_pass=3", "batch_size 2 does not split into minibatches_per_pass=3 minibatches"),
     # learning hyper-parameters
     ("--model.lr=0", "model.lr: expected a PositiveFloat (v>0), got 0"),
     ("--model.clip_c_threshold=-1", "model.clip_c_threshold: expected a PositiveFloat (v>0) or null, got -1"),

@@ -1,12 +1,13 @@
 """UnrollStream: actor rollouts regrouped into learner batches of exactly ``batch_size`` unrolls, each batch
-handed out ``passes`` times with every pass after the first marked as a replay; unrolls holding a step marked
-non-finite by their env are dropped first."""
+handed out ``passes`` times with every pass after the first marked as a replay, each pass whole or split into
+``minibatches`` of whole unrolls in a fresh random order; unrolls holding a step marked non-finite by their env
+are dropped first."""
 
 import pytest
 import torch
 from tensordict import TensorDict
 
-from lit_impala.data import UnrollStream
+from lit_impala.data import UnrollStream, minibatch_indices
 from lit_impala.schema import NONFINITE_KEY, OBSERVATION_KEY, REPLAYED_KEY, is_replayed
 
 T = 5
@@ -57,3 +58,50 @@ def test_unrolls_holding_a_nonfinite_step_are_dropped_and_counted_and_batches_st
     assert stream.unrolls_dropped == 2
     assert all(tuple(b.batch_size) == (3, T) for b in batches)
     assert not any(NONFINITE_KEY in b.keys() or ("next", NONFINITE_KEY) in b.keys(True) for b in batches)
+
+
+@pytest.mark.parametrize("passes, minibatches", [(1, 2), (3, 4), (2, 8)])
+def test_each_pass_is_split_into_minibatches_that_partition_the_batch(passes, minibatches):
+    stream = UnrollStream(rollouts([8, 8]), batch_size=8, passes=passes, minibatches=minibatches, seed=3)
+    items = list(stream)
+    assert len(items) == 2 * passes * minibatches  # one learner update each
+    assert all(tuple(b.batch_size) == (8 // minibatches, T) for b in items)
+    assert all(b.get(REPLAYED_KEY).shape == (8 // minibatches, T) for b in items)
+    for first, batch_ids in ((0, range(0, 8)), (passes * minibatches, range(8, 16))):
+        passes_ids = []
+        for learning_pass in range(passes):
+            start = first + learning_pass * minibatches
+            minibatches_of_pass = items[start : start + minibatches]
+            ids = [i for b in minibatches_of_pass for i in unroll_ids(b)]
+            assert sorted(ids) == list(batch_ids)  # every unroll of the batch exactly once per pass
+            assert [is_replayed(b) for b in minibatches_of_pass] == [learning_pass > 0] * minibatches
+            passes_ids.append(ids)
+        # A fresh order each pass (8! orders: two equal ones would be a bug, not chance).
+        assert len({tuple(ids) for ids in passes_ids}) == passes
+    # An unroll moves whole: its T steps stay together, in time order.
+    for b in items:
+        observation = b.get(OBSERVATION_KEY)
+        assert torch.equal(observation, observation[:, :1].expand_as(observation))
+
+
+def test_the_minibatch_order_is_reproducible_from_the_seed():
+    def order(seed):
+        return [unroll_ids(b) for b in UnrollStream(rollouts([8, 8]), batch_size=8, passes=2, minibatches=2, seed=seed)]
+
+    assert order(5) == order(5)
+    assert order(5) != order(6)
+    generator = torch.Generator().manual_seed(0)
+    indices = minibatch_indices(6, 3, generator)
+    assert [len(i) for i in indices] == [2, 2, 2] and sorted(torch.cat(indices).tolist()) == list(range(6))
+
+
+def test_one_minibatch_per_pass_is_the_batch_itself_in_arrival_order():
+    """minibatches=1 (the default) is the stream without minibatches: no gather, no shuffle."""
+    batches = list(UnrollStream(rollouts([4, 4]), batch_size=4, passes=2, minibatches=1, seed=9))
+    assert [unroll_ids(b) for b in batches] == [[0, 1, 2, 3]] * 2 + [[4, 5, 6, 7]] * 2
+    assert batches[1].get(OBSERVATION_KEY).data_ptr() == batches[0].get(OBSERVATION_KEY).data_ptr()
+
+
+def test_a_batch_that_does_not_split_into_whole_unrolls_is_refused():
+    with pytest.raises(ValueError, match="batch_size 6 does not split into 4 minibatches"):
+        UnrollStream(rollouts([6]), batch_size=6, minibatches=4)
