@@ -1,8 +1,10 @@
 """Learning curves: return against env frames and against wall time, several seeds, next to a published result.
 
-For each task: every seed is one ``python -m lit_impala fit`` process (the shipped YAML with its callbacks, run in
-a scratch directory so its checkpoints and videos stay out of the repository), one after the other, logging to
-CSV; the logged history is read back and written per task as
+For each task: every seed is one ``python -m lit_impala fit`` process (the shipped YAML with its callbacks), one
+after the other, logging to CSV, run in a directory of its own, ``<workdir>/<task>/seed<k>/`` (``--workdir``, by
+default ``runs/learning`` in the repository, which git ignores), where its checkpoints, CSV log and ``fit.log`` stay.
+A seed's curve is written there as soon as its process ends (``curve.json``, with the command that made it); the
+logged history of every seed is then written per task as
 
 * ``results/learning/<task>.png``: mean and min/max band over seeds, return vs env frames and vs wall seconds,
   with the task's target and the published references drawn in;
@@ -11,6 +13,15 @@ CSV; the logged history is read back and written per task as
 and the summary table (final mean return over the last 100 episodes; frames and wall seconds to the target, per
 seed) is printed, written to ``results/learning.json``, and put into README.md between the
 ``<!-- learning-table -->`` markers. Rerunning a task replaces its files and its row.
+
+Stopping and going on: Ctrl-C stops the running ``fit`` after its current update, with a checkpoint (a second
+Ctrl-C stops it at once; it resumes from its last periodic checkpoint then), and the benchmark with it; a killed
+sitting leaves the same. Typing the same command again goes on where it stopped: a seed whose ``curve.json`` was
+made by the same ``fit`` command (config, overrides, seed, frame budget) is reused without running; an unfinished
+seed with a checkpoint from the same command is resumed (``fit --ckpt_path last``: its CSV log goes on in a new
+version, read together with the earlier ones); a seed whose command changed, or that stopped before its first
+checkpoint, starts over in a cleared directory. ``--fresh`` starts every seed of the tasks over (after a change
+to the code, which the command does not show).
 
     python -m benchmarks.learning --tasks cartpole,pendulum            # each task's own budget and seeds
     python -m benchmarks.learning --tasks cartpole --frames 50000 --seeds 1   # a smoke run
@@ -24,13 +35,14 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -38,6 +50,8 @@ from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, OneLineErrorPar
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
+WORKDIR = REPO / "runs" / "learning"
+CURVE_FILE, COMMAND_FILE = "curve.json", "command.json"
 TABLE_START, TABLE_END = "<!-- learning-table -->", "<!-- /learning-table -->"
 
 
@@ -150,38 +164,169 @@ def override_config(override: str) -> str | None:
     return str(REPO / override.split("=", 1)[1]) if override.startswith("--config=") else None
 
 
-def run_seed(task: Task, seed: int, frames: float, workdir: Path) -> dict:
-    """One ``fit`` process; returns its curve read back from the CSV log: frames, return, wall seconds."""
-    config = REPO / task.config
-    updates = updates_for(frames, config, task.overrides)
-    command = [
-        sys.executable, "-m", "lit_impala", "fit", "--config", str(config),
-        *(f"--config={override_config(o)}" if override_config(o) else o for o in task.overrides),
+def fit_arguments(task: Task, seed: int, frames: float) -> list[str]:
+    """One seed's ``python -m lit_impala`` arguments, config files named relative to the repository (as recorded
+    next to its curve: the same arguments are the same run)."""
+    updates = updates_for(frames, REPO / task.config, task.overrides)
+    return [
+        "fit", "--config", task.config, *task.overrides,
         f"--seed_everything={seed}", f"--trainer.max_steps={updates}", "--episode_stats.stop_at_return=null",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=csv",
         "--trainer.logger.init_args.name=run",
     ]
-    workdir.mkdir(parents=True, exist_ok=True)
+
+
+def with_repository_paths(arguments: list[str]) -> list[str]:
+    """``arguments`` with every config file as a path in the repository (the fit runs in its seed's directory)."""
+    out = []
+    for previous, argument in zip(["", *arguments], arguments, strict=False):
+        if previous == "--config":
+            out.append(str(REPO / argument))
+        else:
+            out.append(f"--config={override_config(argument)}" if override_config(argument) else argument)
+    return out
+
+
+SeedPlan = Literal["reuse", "resume", "start"]
+
+
+def seed_plan(command: dict, started_with: dict | None, finished_with: dict | None, has_checkpoint: bool,
+              fresh: bool) -> SeedPlan:
+    """What to do with one seed's directory: ``reuse`` its finished curve, ``resume`` its unfinished run from the
+    checkpoint (``--ckpt_path last``), or ``start`` over in a cleared directory.
+
+    Args:
+        command: this invocation's record of the seed's run (its ``fit`` arguments and frame budget).
+        started_with: the record of the run last started in the directory (None: none was).
+        finished_with: the record next to its finished curve (None: no curve).
+        has_checkpoint: whether the directory holds a checkpoint.
+        fresh: ``--fresh``: start over whatever is there.
+    """
+    if fresh:
+        return "start"
+    if finished_with == command:
+        return "reuse"
+    if started_with == command and has_checkpoint:
+        return "resume"
+    return "start"
+
+
+def read_json(path: Path) -> dict | None:
+    """``path``'s JSON object, or None when it is missing or torn (a sitting killed while writing it)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, payload: dict) -> None:
+    """Write ``payload`` to ``path`` whole or not at all (a kill mid-write leaves the old file or none)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload) + "\n")
+    os.replace(partial, path)
+
+
+def run_seed(name: str, task: Task, seed: int, frames: float, seed_dir: Path, fresh: bool = False) -> dict:
+    """One seed's curve: the one ``seed_dir`` holds for the same command, else that of a ``fit`` process started
+    there (or resumed there, see ``seed_plan``); frames, return, wall seconds."""
+    arguments = fit_arguments(task, seed, frames)
+    command = {"fit": arguments, "frames": frames}
+    started_with = read_json(seed_dir / COMMAND_FILE)
+    finished = read_json(seed_dir / CURVE_FILE) or {}
+    plan = seed_plan(command, started_with, finished.get("command"), any(seed_dir.rglob("*.ckpt")), fresh)
+    if plan == "reuse":
+        curve = finished["curve"]
+        print(f"{name} seed {seed}: reusing the curve finished in {seed_dir}: {curve['return'][-1]:.1f} after "
+              f"{curve['env_frames'][-1]:,.0f} frames", flush=True)
+        return curve
+    if plan == "resume":
+        print(f"{name} seed {seed}: resuming the unfinished run in {seed_dir} from its last checkpoint", flush=True)
+        arguments = [*arguments, "--ckpt_path=last"]
+    elif seed_dir.exists():
+        why = ("--fresh" if fresh else "its command changed" if started_with not in (None, command)
+               else "no checkpoint to resume from")
+        print(f"{name} seed {seed}: starting over in {seed_dir} ({why})", flush=True)
+        shutil.rmtree(seed_dir)
+    seed_dir.mkdir(parents=True, exist_ok=True)
+    write_json(seed_dir / COMMAND_FILE, command)
     started = time.perf_counter()
-    with open(workdir / "fit.log", "w") as log:
-        code = subprocess.run(command, cwd=workdir, stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
+    with open(seed_dir / "fit.log", "a") as log:  # a resumed run's log goes on after the earlier one
+        process = subprocess.Popen([sys.executable, "-m", "lit_impala", *with_repository_paths(arguments)],
+                                   cwd=seed_dir, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "PYTHONPATH": str(REPO)})
+        code = wait_through_ctrl_c(process)
     wall = time.perf_counter() - started
     if code != 0:
-        tail = (workdir / "fit.log").read_text()[-2000:]
+        tail = (seed_dir / "fit.log").read_text()[-2000:]
         raise RuntimeError(f"seed {seed} of {task.config} exited with {code}:\n{tail}")
-    frames_seen, returns, seconds = [], [], []
-    for path in sorted((workdir / "csv").rglob("metrics.csv")):
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                if row.get("episode/return") and row.get("env_frames"):
-                    frames_seen.append(float(row["env_frames"]))
-                    returns.append(float(row["episode/return"]))
-                    seconds.append(float(row.get("time/train_s") or "nan"))
+    frames_seen, returns, seconds = merge_logs([read_log(path) for path in csv_logs(seed_dir / "csv")])
     if not returns:
         raise RuntimeError(f"seed {seed} of {task.config} logged no episode return")
-    return {"seed": seed, "env_frames": frames_seen, "return": returns, "train_seconds": seconds,
-            "process_seconds": wall}
+    curve = {"seed": seed, "env_frames": frames_seen, "return": returns, "train_seconds": seconds,
+             "process_seconds": wall}  # of the last fit process, when the run was resumed
+    write_json(seed_dir / CURVE_FILE, {"command": command, "curve": curve})
+    print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
+          f"{curve['process_seconds']:.0f} s", flush=True)
+    return curve
+
+
+def wait_through_ctrl_c(process: subprocess.Popen) -> int:
+    """``process``'s exit code. Ctrl-C in the terminal reaches the fit too (one process group), which then ends
+    after its update with a checkpoint: wait for that (``subprocess.run`` would kill it 0.25 s later), then stop."""
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        while process.poll() is None:
+            try:
+                process.wait()
+            except KeyboardInterrupt:  # pressed again: the fit got it too and stops at once
+                pass
+        raise
+
+
+def csv_logs(directory: Path) -> list[Path]:
+    """Every ``metrics.csv`` the CSV logger wrote under ``directory``, oldest version first (one version per fit
+    process: ``version_10`` comes after ``version_9``)."""
+    def version(path: Path) -> int:
+        number = path.parent.name.removeprefix("version_")
+        return int(number) if number.isdigit() else -1
+
+    return sorted(directory.rglob("metrics.csv"), key=lambda path: (str(path.parent.parent), version(path)))
+
+
+def read_log(path: Path) -> list[tuple[float, float, float]]:
+    """The logged ``(env frames, mean return, time/train_s)`` rows of one CSV log, in order."""
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            if row.get("episode/return") and row.get("env_frames"):
+                rows.append((float(row["env_frames"]), float(row["episode/return"]),
+                             float(row.get("time/train_s") or "nan")))
+    return rows
+
+
+def merge_logs(parts: list[list[tuple[float, float, float]]]) -> tuple[list[float], list[float], list[float]]:
+    """One curve (frames, returns, train seconds), frames strictly increasing, from the CSV logs of a run's fit
+    processes, oldest first.
+
+    A row logged again for as many frames as an earlier one, or fewer, replaces it and every row after it: the
+    last update's row is logged twice, and a resumed process starts from the last checkpoint, so the rows its
+    predecessor logged from there on were redone (the later values are kept). Each process counts
+    ``time/train_s`` from its own start: a later part's seconds go on from the last row kept before it (what
+    was trained after that row and lost with the stop is not counted).
+    """
+    merged: list[tuple[float, float, float]] = []
+    for part in parts:
+        if not part:
+            continue  # e.g. resumed at the budget already: nothing left to train
+        while merged and merged[-1][0] >= part[0][0]:
+            merged.pop()
+        offset = merged[-1][2] if merged else 0.0
+        for frames, value, seconds in part:
+            while merged and merged[-1][0] >= frames:
+                merged.pop()
+            merged.append((frames, value, seconds + offset))
+    return [row[0] for row in merged], [row[1] for row in merged], [row[2] for row in merged]
 
 
 def first_reaching(curve: dict, target: float) -> tuple[float, float] | None:
@@ -304,16 +449,9 @@ def update_readme(table: str, readme: Path = README) -> bool:
     return True
 
 
-def run_task(name: str, task: Task, frames: float, seeds: int) -> list[dict]:
-    """Every seed of one task, one process after the other, each in a scratch directory removed afterwards."""
-    curves = []
-    with tempfile.TemporaryDirectory(prefix=f"learning_{name}_") as scratch:
-        for seed in range(seeds):
-            curve = run_seed(task, seed, frames, Path(scratch) / f"seed{seed}")
-            print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
-                  f"{curve['process_seconds']:.0f} s", flush=True)
-            curves.append(curve)
-    return curves
+def run_task(name: str, task: Task, frames: float, seeds: int, workdir: Path, fresh: bool = False) -> list[dict]:
+    """Every seed of one task, one process after the other, each in ``workdir/<name>/seed<k>`` (see ``run_seed``)."""
+    return [run_seed(name, task, seed, frames, workdir / name / f"seed{seed}", fresh) for seed in range(seeds)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -323,6 +461,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help=f"comma-separated, from: {', '.join(TASKS)} (default: all; with --replot, all run so far)")
     parser.add_argument("--frames", type=float, default=None, help="env frames per seed (default: the task's)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per task (default: the task's)")
+    parser.add_argument("--workdir", type=Path, default=WORKDIR,
+                        help="where each seed runs, in <workdir>/<task>/seed<k>/, and its finished curve stays "
+                             "(default: runs/learning in the repository)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start every seed of the tasks over, even one finished or stopped with the same command")
     parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
     parser.add_argument("--replot", action="store_true",
                         help="run nothing: redraw the plots and rows from the curves already in results/learning "
@@ -354,7 +497,12 @@ def main(argv: list[str] | None = None) -> dict:
         if args.replot:
             curves = json.loads((out / f"{name}.json").read_text())["curves"]
         else:
-            curves = run_task(name, task, args.frames or task.frames, args.seeds or task.seeds)
+            try:
+                curves = run_task(name, task, args.frames or task.frames, args.seeds or task.seeds,
+                                  args.workdir.resolve(), args.fresh)
+            except KeyboardInterrupt:
+                print(f"stopped during {name}: type the same command again to go on from there", file=sys.stderr)
+                sys.exit(130)
         row = summarize(name, task, curves)
         plot(name, task, curves, out / f"{name}.png")
         (out / f"{name}.json").write_text(json.dumps({"row": row, "curves": curves}) + "\n")

@@ -61,13 +61,13 @@ def test_fit_benchmark_measures_a_window(results_in_tmp):
 
 def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_path):
     """A tiny budget of the real thing, as typed: ``python -m benchmarks.learning`` runs one seed of the shipped
-    CartPole config in a ``fit`` process of its own, prints the table and writes a PNG, a JSON curve and a row."""
+    CartPole config in a ``fit`` process of its own, prints the table and writes a PNG, a JSON curve and a row;
+    the same command again reuses the finished seed without running it."""
     import matplotlib.image
 
-    scratch = tmp_path / "tmp"  # where the benchmark makes each task's scratch directory
-    scratch.mkdir()
-    run = run_lit_impala(["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme"], tmp_path,
-                         timeout_s=300, env={"TMPDIR": str(scratch)}, module="benchmarks.learning")
+    work = tmp_path / "work"
+    arguments = ["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme", "--workdir", str(work)]
+    run = run_lit_impala(arguments, tmp_path, timeout_s=300, module="benchmarks.learning")
     assert run.returncode == 0, run.tail()
     assert re.search(r"^cartpole seed 0: [\d.-]+ after [\d,]+ frames, \d+ s$", run.stdout, re.M), run.tail()
     assert "Learning: mean return of the last 100 episodes" in run.stdout and "Traceback" not in run.output
@@ -86,7 +86,18 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     (row,) = result["rows"]
     assert row == curves["row"] and row["task"] == "cartpole" and row["seeds"] == 1
     assert row["final_return_mean"] == curve["return"][-1] > 0
-    assert not list(scratch.glob("learning_*")) and not (tmp_path / "runs").exists()  # the fit's files are gone
+    # The fit's files stay in the seed's own directory, its curve next to the command that made it.
+    seed_dir = work / "cartpole" / "seed0"
+    assert list(seed_dir.glob("runs/checkpoints/*/last.ckpt")) and list(seed_dir.glob("csv/run/version_0/*.csv"))
+    saved = json.loads((seed_dir / "curve.json").read_text())
+    assert saved["curve"] == curve and "--seed_everything=0" in saved["command"]["fit"]
+    assert not (tmp_path / "runs").exists()  # nothing in the directory it was typed in
+    # The same command again: the finished seed is reused, no fit process runs, the same curve is written.
+    again = run_lit_impala(arguments, tmp_path, timeout_s=120, module="benchmarks.learning")
+    assert again.returncode == 0, again.tail()
+    assert f"cartpole seed 0: reusing the curve finished in {seed_dir}" in again.stdout, again.tail()
+    assert not again.descendants and "frames, " not in again.stdout  # no fit ran
+    assert json.loads((results_in_tmp / "learning" / "cartpole.json").read_text()) == curves
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
     assert learning.update_readme(result["table_markdown"], readme)

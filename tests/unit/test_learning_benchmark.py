@@ -1,0 +1,58 @@
+"""benchmarks.learning's resumable seeds: what a seed's directory is used for (reuse, resume, start over), and
+one curve from the CSV logs of a run stopped and resumed (each fit process logs a version of its own)."""
+
+import math
+
+import pytest
+
+from benchmarks import learning
+
+COMMAND = {"fit": ["fit", "--config", "configs/cartpole.yaml", "--seed_everything=0"], "frames": 40000.0}
+OTHER = {**COMMAND, "frames": 80000.0}
+
+
+@pytest.mark.parametrize(("started_with", "finished_with", "has_checkpoint", "fresh", "plan"), [
+    (None, None, False, False, "start"),  # an empty directory
+    (COMMAND, COMMAND, True, False, "reuse"),  # finished with the same command
+    (COMMAND, None, True, False, "resume"),  # stopped with a checkpoint
+    (COMMAND, None, False, False, "start"),  # stopped before its first checkpoint
+    (OTHER, None, True, False, "start"),  # stopped, but another command: its checkpoint is not this run's
+    (OTHER, OTHER, True, False, "start"),  # finished with another command
+    (COMMAND, COMMAND, True, True, "start"),  # --fresh
+    (COMMAND, None, True, True, "start"),
+])
+def test_seed_plan(started_with, finished_with, has_checkpoint, fresh, plan):
+    assert learning.seed_plan(COMMAND, started_with, finished_with, has_checkpoint, fresh) == plan
+
+
+def test_a_resumed_run_is_one_curve_later_values_kept_seconds_going_on():
+    before = [(100.0, 1.0, 1.0), (200.0, 2.0, 2.0), (300.0, 3.0, 3.0), (300.0, 3.0, 3.0)]  # last row logged twice
+    # Resumed from the checkpoint at 200 frames: 300 is redone, and the seconds start at 0 again.
+    after = [(300.0, 30.0, 0.5), (400.0, 40.0, 1.5)]
+    frames, returns, seconds = learning.merge_logs([before, [], after])  # [] resumed at the budget: no rows
+    assert frames == [100.0, 200.0, 300.0, 400.0]
+    assert returns == [1.0, 2.0, 30.0, 40.0]
+    assert seconds == [1.0, 2.0, 2.5, 3.5]
+    assert learning.merge_logs([[]]) == ([], [], [])
+    nan_seconds = learning.merge_logs([[(1.0, 1.0, math.nan)]])[2]
+    assert math.isnan(nan_seconds[0])
+
+
+def test_csv_logs_are_read_oldest_version_first(tmp_path):
+    for version in (10, 2, 0, 9):
+        (tmp_path / "run" / f"version_{version}").mkdir(parents=True)
+        (tmp_path / "run" / f"version_{version}" / "metrics.csv").write_text("env_frames,episode/return\n")
+    assert [path.parent.name for path in learning.csv_logs(tmp_path)] == [
+        "version_0", "version_2", "version_9", "version_10"]
+
+
+def test_a_seed_runs_with_the_repository_configs_and_records_them_relative():
+    task = learning.TASKS["halfcheetah_appo"]
+    arguments = learning.fit_arguments(task, 1, 1e5)
+    assert arguments[:4] == ["fit", "--config", "configs/mujoco.yaml", "--config=configs/mujoco_appo.yaml"]
+    assert "--seed_everything=1" in arguments
+    assert f"--trainer.max_steps={learning.updates_for(1e5, learning.REPO / task.config, task.overrides)}" in arguments
+    absolute = learning.with_repository_paths(arguments)
+    assert absolute[:4] == ["fit", "--config", str(learning.REPO / "configs" / "mujoco.yaml"),
+                            f"--config={learning.REPO / 'configs' / 'mujoco_appo.yaml'}"]
+    assert absolute[4:] == arguments[4:]
