@@ -77,42 +77,57 @@ class Task:
 
 # Published results next to ours: the algorithm, the budget and where the number is printed (the MinAtar paper has
 # figures only: its values are read off the figure, to the nearest unit or half unit).
-CLEANRL_PPO = "CleanRL ppo.py, CartPole-v1, 3 seeds (vwxyzjn/cleanrl, docs/rl-algorithms/ppo.md)"
+CLEANRL_PPO = "CleanRL ppo.py, {env}, 3 seeds (vwxyzjn/cleanrl, docs/rl-algorithms/ppo.md)"
 ZOO = "rl-baselines3-zoo benchmark.md (DLR-RM/rl-baselines3-zoo), one run, deterministic evaluation"
 CLEANRL_MUJOCO = ("CleanRL ppo_continuous_action.py, {env}-v4, 3 seeds, 10 epochs over each batch "
                   "(vwxyzjn/cleanrl, docs/benchmark/ppo_continuous_action.md)")
+SAMPLE_FACTORY_MUJOCO = ("Sample Factory APPO, {env}, 10M frames (alex-petrenko/sample-factory, MuJoCo benchmark "
+                         "in its docs), the figure issue 25 quotes")
 MINATAR_FIGURE = ("Young & Tian 2019 (MinAtar), kenjyoung/MinAtar README, img/learning_curves.gif, read off the "
                   "figure at 5M frames: mean of 30 runs, sticky actions 0.1, full 6-action set")
-MINATAR_PAPER = {  # game: (DQN, AC(lambda=0.8)) at 5M frames
-    "Asterix": (17.0, 19.0), "Breakout": (10.0, 17.5), "Freeway": (50.0, 47.0), "Seaquest": (20.0, 15.5),
-    "SpaceInvaders": (43.0, 185.0),
+GYMNAX_PPO = "gymnax PPO on Breakout-MinAtar, 10M steps (RobertTLange/gymnax README), the figure issue 25 quotes"
+MINATAR_PAPER = {  # game: (DQN, AC(lambda=0.8), AC(0)) at 5M frames; AC(0) is given for Asterix only
+    "Asterix": (17.0, 19.0, 20.5), "Breakout": (10.0, 17.5, None), "Freeway": (50.0, 47.0, None),
+    "Seaquest": (20.0, 15.5, None), "SpaceInvaders": (43.0, 185.0, None),
 }
 MINATAR_GAMES = tuple(MINATAR_PAPER)
-MINATAR_TARGETS = {"Breakout": 15.0}  # the target of the issue that added MinAtar
-# A game's own settings (its entropy bonus; Seaquest's discount and lr too), in a file read after minatar.yaml.
-MINATAR_CONFIGS = {"Asterix": "configs/minatar_asterix.yaml", "Freeway": "configs/minatar_freeway.yaml",
-                   "Seaquest": "configs/minatar_seaquest.yaml"}
 
 
 def minatar_references(game: str) -> tuple[Reference, ...]:
-    dqn, actor_critic = MINATAR_PAPER[game]
-    return Reference("DQN", dqn, 5e6, MINATAR_FIGURE), Reference("AC(0.8)", actor_critic, 5e6, MINATAR_FIGURE)
+    names = ("DQN", "AC(0.8)", "AC(0)")
+    return tuple(Reference(name, value, 5e6, MINATAR_FIGURE)
+                 for name, value in zip(names, MINATAR_PAPER[game], strict=True) if value is not None)
+
+
+def minatar_target(game: str) -> float:
+    """The best of the paper's agents at 5M frames: the target of one config for all five games."""
+    return max(value for value in MINATAR_PAPER[game] if value is not None)
 
 
 MUJOCO_PPO = {"HalfCheetah": 1442.6, "Hopper": 2382.9}  # CleanRL's PPO at 1M steps
-MUJOCO_TARGETS = {"HalfCheetah": 1500.0}  # the target of the issue that added the learning curves
+MUJOCO_APPO = {"HalfCheetah": 6263.0, "Hopper": 2793.0}  # Sample Factory's APPO at 10M frames
+MUJOCO_TARGETS_5M = {"HalfCheetah": 5000.0, "Hopper": 2800.0}
 
 
-def mujoco_task(env: str, appo: bool, envpool: bool = False, seeds: int = 2) -> Task:
-    """``<env>-v5`` for 5M frames with IMPALA's loss (mujoco.yaml) or APPO's (mujoco_appo.yaml read after it)."""
-    overrides = (*(["--config=configs/mujoco_appo.yaml"] if appo else []), f"--data.env_id={env}-v5",
-                 *(["--data.env_backend=envpool"] if envpool else []))
-    return Task("configs/mujoco.yaml", 5e6, seeds, MUJOCO_TARGETS.get(env),
-                (Reference("PPO", MUJOCO_PPO[env], 1e6, CLEANRL_MUJOCO.format(env=env)),), overrides)
+def mujoco_task(env: str, frames: float) -> Task:
+    """``<env>-v5`` with the one MuJoCo config: at 1M frames against CleanRL's PPO at 1M (the target), at 5M
+    against Sample Factory's APPO at 10M (the target a little below it)."""
+    ppo = Reference("PPO", MUJOCO_PPO[env], 1e6, CLEANRL_MUJOCO.format(env=env))
+    if frames <= 1e6:
+        return Task(MUJOCO, frames, 3, MUJOCO_PPO[env], (ppo,), (f"--data.env_id={env}-v5",))
+    appo = Reference("APPO", MUJOCO_APPO[env], 1e7, SAMPLE_FACTORY_MUJOCO.format(env=f"{env}-v4"))
+    return Task(MUJOCO, frames, 3, MUJOCO_TARGETS_5M[env], (ppo, appo), (f"--data.env_id={env}-v5",))
 
+
+# One config per family of tasks, each run unchanged over the family's tasks (only the env id differs).
+CLASSIC, MINATAR, MUJOCO = "configs/cartpole.yaml", "configs/minatar.yaml", "configs/mujoco.yaml"
 
 TASKS: dict[str, Task] = {
-    "cartpole": Task("configs/cartpole.yaml", 1.28e6, 3, 475.0, (Reference("PPO", 490.04, 5e5, CLEANRL_PPO),)),
+    # vector observations, discrete actions
+    "cartpole": Task(CLASSIC, 5e5, 3, 490.0, (Reference("PPO", 490.04, 5e5, CLEANRL_PPO.format(env="CartPole-v1")),)),
+    "acrobot": Task(CLASSIC, 5e5, 3, -86.36, (Reference("PPO", -86.36, 5e5, CLEANRL_PPO.format(env="Acrobot-v1")),),
+                    ("--data.env_id=Acrobot-v1",)),
+    # tasks with a config of their own
     "pendulum": Task("configs/pendulum.yaml", 2e6, 3, -200.0,
                      (Reference("PPO, gSDE", -172.2, 1e5, f"{ZOO}, Pendulum-v1"),
                       Reference("A2C, gSDE", -163.0, 1e6, f"{ZOO}, Pendulum-v1"))),
@@ -121,22 +136,19 @@ TASKS: dict[str, Task] = {
     "cartpole_pomdp_mlp": Task("configs/cartpole_pomdp.yaml", 1.92e6, 3, 400.0,
                                (Reference("RecurrentPPO", 500.0, 1e5, f"{ZOO}, CartPoleNoVel-v1"),),
                                ("--model.use_lstm=false",)),
+    # MinAtar: all five games with minatar.yaml
     **{
-        f"minatar_{game.lower()}": Task("configs/minatar.yaml", 5e6, 2, MINATAR_TARGETS.get(game),
-                                        minatar_references(game),
-                                        (f"--config={MINATAR_CONFIGS[game]}",) if game in MINATAR_CONFIGS
-                                        else (f"--data.env_id=MinAtar/{game}-v1",))
+        f"minatar_{game.lower()}": Task(MINATAR, 5e6, 3, minatar_target(game), minatar_references(game),
+                                        (f"--data.env_id=MinAtar/{game}-v1",))
         for game in MINATAR_GAMES
     },
-    # MuJoCo through gymnasium[mujoco] (mujoco.yaml's backend), then the same ids in envpool's C++ MuJoCo.
-    "halfcheetah": mujoco_task("HalfCheetah", appo=False),
-    "halfcheetah_appo": mujoco_task("HalfCheetah", appo=True, seeds=3),
-    "hopper": mujoco_task("Hopper", appo=False),
-    "hopper_appo": mujoco_task("Hopper", appo=True),
-    "halfcheetah_envpool": mujoco_task("HalfCheetah", appo=False, envpool=True),
-    "halfcheetah_appo_envpool": mujoco_task("HalfCheetah", appo=True, envpool=True),
-    "hopper_envpool": mujoco_task("Hopper", appo=False, envpool=True),
-    "hopper_appo_envpool": mujoco_task("Hopper", appo=True, envpool=True),
+    "minatar_breakout_10m": Task(MINATAR, 1e7, 3, 28.0, (Reference("PPO", 28.0, 1e7, GYMNAX_PPO),),
+                                 ("--data.env_id=MinAtar/Breakout-v1",)),
+    # MuJoCo (gymnasium[mujoco], mujoco.yaml's backend) with mujoco.yaml
+    "halfcheetah_1m": mujoco_task("HalfCheetah", 1e6),
+    "hopper_1m": mujoco_task("Hopper", 1e6),
+    "halfcheetah": mujoco_task("HalfCheetah", 5e6),
+    "hopper": mujoco_task("Hopper", 5e6),
 }
 
 

@@ -90,6 +90,22 @@ def test_minibatches_split_each_pass_and_count_each_frame_once(tmp_path):
     assert cli.model.network.normalizer.count.item() == 6 * 5
 
 
+def test_the_learning_options_of_the_family_configs_run_together(tmp_path):
+    """Adam, advantage normalisation, PopArt and the clipped value loss in one run of minibatches: the value
+    statistics learn from the first pass's minibatches only (once per frame), and what they learnt is in the
+    weights the run ends with."""
+    cli = cli_main(["fit", *tiny(tmp_path, "--data.batch_size=6", "--data.passes_per_batch=2",
+                                 "--data.minibatches_per_pass=3", "--model.optimizer=adam",
+                                 "--model.loss_reduction=mean", "--model.normalize_advantages=true",
+                                 "--model.value_normalization=popart", "--model.value_norm_beta=0.5",
+                                 "--model.value_clip=0.2", "--trainer.logger=false")])
+    assert cli.trainer.global_step == 6
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
+    value_normalizer = cli.model.network.value_normalizer
+    assert value_normalizer.updates.item() == 3  # the first pass's 3 minibatches, not the second pass's
+    assert value_normalizer.mean.item() != 0.0 and value_normalizer.std.item() != 1.0
+
+
 def test_print_config_round_trips(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli_main(["fit", "--config", CONFIG, "--print_config"])
