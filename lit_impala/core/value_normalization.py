@@ -63,7 +63,9 @@ class ValueNormalizer(nn.Module):
     """Running statistics of the value targets, as float64 buffers (saved in checkpoints, shipped to the actors
     with the weights): ``mean``, ``second_moment`` and the number of ``updates``.
 
-    Before the first update it is the identity (mean 0, std 1).
+    Before the first update it is the identity (mean 0, std 1). The first update takes the batch's moments whole
+    and does not preserve the head's outputs (an untrained head's values mean nothing): the values start at the
+    targets' scale instead of at 0.
 
     Args:
         beta: step size of the moving averages. The first update takes the batch's moments whole, so the
@@ -99,13 +101,16 @@ class ValueNormalizer(nn.Module):
         denormalised values it gives stay the same."""
         if targets.numel() == 0:
             return
-        beta = 1.0 if int(self.updates) == 0 else self.beta
+        first = int(self.updates) == 0
+        beta = 1.0 if first else self.beta
         old_mean, old_std = self.mean.clone(), self.std
         mean, second_moment = merge_moments(self.mean, self.second_moment, beta, targets)
         self.mean.copy_(mean)
         self.second_moment.copy_(second_moment)
         self.updates += 1
-        if head is not None:
+        if head is not None and not first:
+            # Not at the first update: the freshly initialised head's values mean nothing yet, and letting them
+            # take the targets' mean and std at once is a better start than preserving them.
             weight, bias = preserve_outputs(head.weight, head.bias, old_mean, old_std, self.mean, self.std)
             head.weight.copy_(weight)
             head.bias.copy_(bias)

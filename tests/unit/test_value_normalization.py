@@ -57,7 +57,12 @@ def test_popart_update_keeps_every_denormalised_output_of_the_head():
     normalizer = vn.ValueNormalizer(beta=0.5).double()
     head = nn.Linear(8, 1).double()
     features = torch.randn(32, 8, dtype=F64)
-    for targets in (torch.randn(64, dtype=F64) * 50 + 200, torch.randn(64, dtype=F64) * 3 - 7):
+    # the first update starts the values at the targets' scale: the untrained head's outputs are not kept
+    untrained = normalizer.denormalize(head(features).squeeze(-1))
+    normalizer.update(torch.randn(64, dtype=F64) * 50 + 200, head)
+    started = normalizer.denormalize(head(features).squeeze(-1))
+    assert untrained.abs().max() < 5 and (started - 200).abs().max() < 100
+    for targets in (torch.randn(64, dtype=F64) * 5 + 20, torch.randn(64, dtype=F64) * 3 - 7):
         before = normalizer.denormalize(head(features).squeeze(-1))
         normalizer.update(targets, head)
         after = normalizer.denormalize(head(features).squeeze(-1))
@@ -74,9 +79,10 @@ def test_agent_with_normalised_values_gives_denormalised_baselines_that_popart_p
     observation = torch.randn(5, 3, 4)
     raw = agent.baseline_head(agent.encoder(observation.reshape(-1, 4))).reshape(5, 3)
     torch.testing.assert_close(agent(observation).baseline, raw)  # identity before any update
-    before = agent(observation).baseline
-    agent.value_normalizer.update(torch.randn(100) * 30 + 80, agent.baseline_head)
+    agent.value_normalizer.update(torch.randn(100) * 30 + 80, agent.baseline_head)  # the first: sets the scale
     assert agent.value_normalizer.std.item() > 10
+    before = agent(observation).baseline
+    agent.value_normalizer.update(torch.randn(100) * 3 + 8, agent.baseline_head)
     torch.testing.assert_close(agent(observation).baseline, before, rtol=1e-5, atol=1e-4)
     # the statistics are state: saved, loaded and shipped to the actors with the weights
     assert {"value_normalizer.mean", "value_normalizer.second_moment"} <= set(agent.state_dict())
