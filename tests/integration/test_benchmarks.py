@@ -131,16 +131,19 @@ def test_learning_benchmark_bad_input_is_one_line_and_exit_2(arguments, message,
     assert not run.descendants and not results_in_tmp.exists()  # nothing ran, nothing written
 
 
-def test_learning_budgets_count_frames_not_updates():
+def test_learning_budgets_count_frames_not_updates(tmp_path):
     """trainer.max_steps for a frame budget: one update per batch of unroll x batch frames, times the passes and
     the minibatches of each pass."""
-    config = learning.REPO / "configs" / "mujoco.yaml"
+    config = learning.REPO / "configs" / "cartpole.yaml"
     assert learning.updates_for(5e6, config, ()) == 7813  # 640 frames per batch
     assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4",)) == 4 * 7813
     assert learning.updates_for(5e6, config, ("--data.batch_size=8",)) == 31250
     assert learning.updates_for(5e6, config, ("--data.passes_per_batch=4", "--data.minibatches_per_pass=2")) == 8 * 7813
     # an overlay file given as --config=...: its data section counts, read after the task's config
-    assert learning.updates_for(5e6, config, ("--config=configs/mujoco_appo.yaml",)) == 4 * 7813
-    assert learning.override_config("--config=configs/mujoco_appo.yaml") == str(learning.REPO / "configs" /
-                                                                                   "mujoco_appo.yaml")
+    overlay = tmp_path / "overlay.yaml"
+    overlay.write_text("data:\n  passes_per_batch: 4\n")
+    assert learning.updates_for(5e6, config, (f"--config={overlay}",)) == 4 * 7813
+    assert learning.override_config("--config=configs/mujoco.yaml") == str(learning.REPO / "configs" / "mujoco.yaml")
+    # the shipped MuJoCo config: 2048 frames per batch, 10 passes of 8 minibatches
+    assert learning.updates_for(1e6, learning.REPO / "configs" / "mujoco.yaml", ()) == 489 * 80
     assert learning.override_config("--data.env_id=Hopper-v5") is None

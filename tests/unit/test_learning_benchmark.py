@@ -47,12 +47,12 @@ def test_csv_logs_are_read_oldest_version_first(tmp_path):
 
 
 def test_a_seed_runs_with_the_repository_configs_and_records_them_relative():
-    task = learning.TASKS["halfcheetah_appo"]
+    task = learning.Task("configs/minatar.yaml", 5e6, 1, overrides=("--config=configs/cartpole_ddp.yaml",))
     arguments = learning.fit_arguments(task, 1, 1e5)
-    assert arguments[:4] == ["fit", "--config", "configs/mujoco.yaml", "--config=configs/mujoco_appo.yaml"]
+    assert arguments[:4] == ["fit", "--config", "configs/minatar.yaml", "--config=configs/cartpole_ddp.yaml"]
     assert "--seed_everything=1" in arguments
     assert f"--trainer.max_steps={learning.updates_for(1e5, learning.REPO / task.config, task.overrides)}" in arguments
     absolute = learning.with_repository_paths(arguments)
-    assert absolute[:4] == ["fit", "--config", str(learning.REPO / "configs" / "mujoco.yaml"),
-                            f"--config={learning.REPO / 'configs' / 'mujoco_appo.yaml'}"]
+    assert absolute[:4] == ["fit", "--config", str(learning.REPO / "configs" / "minatar.yaml"),
+                            f"--config={learning.REPO / 'configs' / 'cartpole_ddp.yaml'}"]
     assert absolute[4:] == arguments[4:]
