@@ -113,7 +113,11 @@ def test_shipped_config_with_its_callbacks_ends_cleanly_on_two_ranks(configs, tm
         # An overlay brings no callback of its own; short episodes keep the final evaluation short (every Freeway
         # episode lasts 2500 steps, whatever the policy: 10 of them would take the test's whole time).
         given.append("--data.max_episode_steps=200")
-    run = run_lit_impala(["fit", *given, *TWO_CPU_RANKS, "--trainer.max_steps=3", *TINY], tmp_path, timeout_s=240)
+    # A tiny batch, but split as the config splits it (mujoco.yaml: 8 minibatches of whole unrolls).
+    data = yaml.safe_load((REPO / "configs" / config).read_text()).get("data") or {}
+    minibatches = data.get("minibatches_per_pass", 1)
+    tiny = [*TINY, f"--data.batch_size={max(2, minibatches)}"]
+    run = run_lit_impala(["fit", *given, *TWO_CPU_RANKS, "--trainer.max_steps=3", *tiny], tmp_path, timeout_s=240)
     assert run.returncode == 0, run.tail()
     assert run.wall_s < 120, f"{run.wall_s:.0f} s"
     assert "Training stopped after 3 updates" in run.stdout, run.tail()
