@@ -32,7 +32,7 @@ from lit_impala import interrupts, resume
 from lit_impala.callbacks import EpisodeStats, GracefulInterrupt
 from lit_impala.callbacks.run_control import wandb_run_id
 from lit_impala.checkpoint_io import CheckpointFiles
-from lit_impala.config import ConfigError
+from lit_impala.config import ConfigError, argument_defaults
 from lit_impala.data import ImpalaDataModule
 from lit_impala.envs.finite import NonFiniteEnvData
 from lit_impala.learner import ImpalaModule
@@ -82,7 +82,7 @@ class ImpalaCLI(LightningCLI):
         except ValueError as error:
             raise ConfigError(str(error)) from error
         if self.resume_point is not None:
-            hparams = resume.model_hparams(self.resume_point.checkpoint)
+            hparams = resume.model_hparams(self.resume_point.checkpoint, argument_defaults(ImpalaModule))
             given = config.get("model") or {}
             replaced = [f"model.{key}={given[key]!r} (the checkpoint's: {value!r})" for key, value in hparams.items()
                         if key in given and given[key] != value and key not in ("observation_shape", "action_space")]

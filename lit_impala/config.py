@@ -7,6 +7,7 @@ when Python code builds the classes directly, so a notebook gets the same error 
 
 from __future__ import annotations
 
+import inspect
 import types
 import typing
 from collections.abc import Callable
@@ -21,12 +22,19 @@ __all__ = [
     "NonNegativeInt",
     "PositiveFloat",
     "PositiveInt",
+    "argument_defaults",
     "check_arguments",
 ]
 
 
 class ConfigError(ValueError):
     """A configuration the run cannot start with; the CLI prints its message as one line, exit code 2."""
+
+
+def argument_defaults(cls: type) -> dict:
+    """``{name: default}`` of ``cls.__init__``'s arguments that have one."""
+    parameters = inspect.signature(cls.__init__).parameters
+    return {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
 
 
 def check_arguments(function: Callable, arguments: dict) -> None:

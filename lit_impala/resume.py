@@ -95,13 +95,20 @@ def say(line: str) -> None:
         print(line, flush=True)
 
 
-def model_hparams(checkpoint: dict) -> dict:
-    """The checkpoint's model hyper-parameters as this version's ``ImpalaModule`` takes them."""
+def model_hparams(checkpoint: dict, defaults: dict | None = None) -> dict:
+    """The checkpoint's model hyper-parameters as this version's ``ImpalaModule`` takes them.
+
+    ``defaults``: the module's arguments with a default. One the checkpoint does not name was added after it was
+    written, so the run that wrote it behaved as that default does (no value normalisation, say): it takes the
+    default, not the value in this command's config, which the checkpoint's weights may not fit.
+    """
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     hparams.pop("_instantiator", None)
     if checkpoint_format(checkpoint) == 1:
         for name in FORMAT_1_MOVED_HPARAMS:
             hparams.pop(name, None)
+    if hparams and defaults:
+        hparams = {**{name: value for name, value in defaults.items() if name not in hparams}, **hparams}
     return hparams
 
 
