@@ -79,27 +79,20 @@ def test_passes_per_batch_takes_more_updates_and_counts_each_frame_once(tmp_path
     assert checkpoint["state_dict"]["network.normalizer.count"].item() == 2 * 5 * 4
 
 
-def test_minibatches_split_each_pass_and_count_each_frame_once(tmp_path):
-    """2 passes of 3 minibatches over each batch of 6 unrolls: 6 updates of 2 unrolls learn from one batch, whose
-    frames and observations count once."""
+def test_the_learning_options_of_the_family_configs_run_together(tmp_path):
+    """Adam, advantage normalisation, PopArt and the clipped value loss in one run of minibatches: 2 passes of 3
+    minibatches over each batch of 6 unrolls are 6 updates of 2 unrolls that learn from one batch, whose frames and
+    observations count once; the value statistics learn from the first pass's minibatches only, and what they learnt
+    is in the weights the run ends with."""
     cli = cli_main(["fit", *tiny(tmp_path, "--data.batch_size=6", "--data.passes_per_batch=2",
                                  "--data.minibatches_per_pass=3", "--model.normalize_observations=true",
-                                 "--trainer.logger=false")])
-    assert cli.trainer.global_step == 6
-    assert EpisodeStats.of(cli.trainer).env_frames == 6 * 5
-    assert cli.model.network.normalizer.count.item() == 6 * 5
-
-
-def test_the_learning_options_of_the_family_configs_run_together(tmp_path):
-    """Adam, advantage normalisation, PopArt and the clipped value loss in one run of minibatches: the value
-    statistics learn from the first pass's minibatches only (once per frame), and what they learnt is in the
-    weights the run ends with."""
-    cli = cli_main(["fit", *tiny(tmp_path, "--data.batch_size=6", "--data.passes_per_batch=2",
-                                 "--data.minibatches_per_pass=3", "--model.optimizer=adam",
+                                 "--model.optimizer=adam",
                                  "--model.loss_reduction=mean", "--model.normalize_advantages=true",
                                  "--model.value_normalization=popart", "--model.value_norm_beta=0.5",
                                  "--model.value_clip=0.2", "--trainer.logger=false")])
     assert cli.trainer.global_step == 6
+    assert EpisodeStats.of(cli.trainer).env_frames == 6 * 5
+    assert cli.model.network.normalizer.count.item() == 6 * 5
     assert isinstance(cli.trainer.optimizers[0], torch.optim.Adam)
     value_normalizer = cli.model.network.value_normalizer
     assert value_normalizer.updates.item() == 3  # the first pass's 3 minibatches, not the second pass's

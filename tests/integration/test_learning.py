@@ -6,7 +6,6 @@ from lit_impala.callbacks import EpisodeStats
 from lit_impala.cli import cli_main
 from tests.conftest import REPO
 
-
 PPO_OPTIONS = (  # the options mujoco.yaml takes, on CartPole: Adam, normalised advantages, clipped minibatch passes
     "--model.optimizer=adam", "--model.loss_reduction=mean", "--model.lr=0.001", "--model.max_grad_norm=0.5",
     "--model.normalize_advantages=true", "--model.policy_clip=0.2", "--data.passes_per_batch=2",
