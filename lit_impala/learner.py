@@ -158,6 +158,8 @@ class ImpalaModule(L.LightningModule):
     ):
         super().__init__()
         check_arguments(ImpalaModule.__init__, locals())
+        if not 0 < value_norm_beta <= 1:
+            raise ValueError(f"value_norm_beta must be in (0, 1] (the statistics' step), got {value_norm_beta}")
         if not all(size >= 1 for size in observation_shape):
             raise ValueError(f"observation_shape must be positive, got {observation_shape}")
         self.save_hyperparameters()

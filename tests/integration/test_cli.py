@@ -154,6 +154,8 @@ BAD_INPUTS = [
     ("--model.discount=1.5", "model.discount: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
     ("--model.lambda_=1.5", "model.lambda_: expected a ClosedUnitInterval (v>=0 and v<=1), got 1.5"),
     ("--model.reward_clip=0", "model.reward_clip: expected a PositiveFloat (v>0) or null, got 0"),
+    ("--model.value_norm_beta=0", "value_norm_beta must be in (0, 1] (the statistics' step), got 0.0"),
+    ("--model.optimizer=sgd", "model.optimizer: expected one of 'rmsprop', 'adam', got 'sgd'"),
     ("--trainer.max_steps=-1", "trainer.max_steps, which is -1"),
     ("--episode_stats.return_window=0", "episode_stats.return_window: expected a PositiveInt (v>0), got 0"),
     # settings that contradict each other
