@@ -288,6 +288,11 @@ def check_run_settings(trainer, model, datamodule) -> None:
             f"model.lr_decay decays the learning rate to 0 over trainer.max_steps, which is {trainer.max_steps}: "
             "set trainer.max_steps >= 1 or model.lr_decay false"
         )
+    if model.hparams.get("ent_coef_final") is not None and (trainer.max_steps is None or trainer.max_steps < 1):
+        raise ConfigError(
+            f"model.ent_coef_final is reached at trainer.max_steps, which is {trainer.max_steps}: "
+            "set trainer.max_steps >= 1 or leave model.ent_coef_final unset"
+        )
     if datamodule is not None and datamodule.hparams.actors == "remote" and trainer.world_size > 1:
         raise ConfigError(
             f"data.actors remote needs a single learner process, got {trainer.world_size} (trainer.devices x "

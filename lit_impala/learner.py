@@ -37,7 +37,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.episodes import EvalResult, run_episodes
-from lit_impala.schedule import fit_to_budget, linear_schedule
+from lit_impala.schedule import fit_to_budget, linear_schedule, linear_value
 from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,10 @@ class ImpalaModule(L.LightningModule):
         reward_clip: rewards are clipped to ``[-reward_clip, reward_clip]`` for learning only, before
             ``reward_scale`` (Atari: 1.0); None: no clipping.
         baseline_coef: weight of the value (baseline) loss ``0.5 * (vs - V)^2``.
-        ent_coef: weight of the entropy bonus.
+        ent_coef: weight of the entropy bonus (at the start of training, with ``ent_coef_final``).
+        ent_coef_final: None (the paper): ``ent_coef`` throughout. A number: the weight goes linearly from
+            ``ent_coef`` to this over ``trainer.max_steps`` (as the learning rate decays), so that a policy
+            explores widely early and is free to become nearly deterministic late.
         clip_rho_threshold: rho-bar, clips the importance weights of the value targets (None: no clip).
         clip_c_threshold: c-bar, clips the trace coefficients (None: no clip).
         clip_pg_rho_threshold: clips the importance weights of the policy gradient (None: no clip).
@@ -135,6 +138,7 @@ class ImpalaModule(L.LightningModule):
         reward_clip: PositiveFloat | None = None,
         baseline_coef: NonNegativeFloat = 0.5,
         ent_coef: NonNegativeFloat = 0.01,
+        ent_coef_final: NonNegativeFloat | None = None,
         clip_rho_threshold: PositiveFloat | None = 1.0,
         clip_c_threshold: PositiveFloat | None = 1.0,
         clip_pg_rho_threshold: PositiveFloat | None = 1.0,
@@ -244,7 +248,7 @@ class ImpalaModule(L.LightningModule):
         values, value_targets, behaviour_values = self._values_for_loss(output.baseline, vtrace_returns.vs, trajectory)
         terms = impala_loss(
             target_log_prob, entropy, values, vtrace_returns._replace(vs=value_targets, pg_advantages=pg_advantages),
-            hp.baseline_coef, hp.ent_coef, hp.loss_reduction,
+            hp.baseline_coef, self.entropy_coefficient(), hp.loss_reduction,
             behaviour_log_prob=trajectory.behaviour_log_prob, policy_clip=hp.policy_clip,
             behaviour_values=behaviour_values, value_clip=hp.value_clip,
         )
@@ -264,6 +268,14 @@ class ImpalaModule(L.LightningModule):
             baseline=output.baseline.detach(),
         )
         return terms.total
+
+    def entropy_coefficient(self) -> float:
+        """The entropy bonus's weight at this update: ``ent_coef``, or on the line to ``ent_coef_final`` at
+        ``trainer.max_steps`` (a function of the update count alone, so a resumed run is on the same line)."""
+        hp = self.hparams
+        if hp.ent_coef_final is None:
+            return hp.ent_coef
+        return linear_value(hp.ent_coef, hp.ent_coef_final, self.global_step, self.trainer.max_steps)
 
     def _values_for_loss(self, values: Tensor, value_targets: Tensor, trajectory: Trajectory):
         """``(values, value_targets, behaviour_values)``, each ``[T, B]``, in the value head's units: normalised by
@@ -307,6 +319,8 @@ class ImpalaModule(L.LightningModule):
         for name, (value, reduce_fx) in metrics.items():  # DDP: synced over ranks; no-op on one device
             self.log(name, value, batch_size=update.log_rhos.shape[1], sync_dist=True, reduce_fx=reduce_fx)
         self.log_dict({"grad_norm": float(self._grad_norm), "nonfinite_updates": float(self.nonfinite_updates)})
+        if hp.ent_coef_final is not None:  # the weight from here on, as Lightning's "lr" is
+            self.log("ent_coef", self.entropy_coefficient())
 
     # --- the guard against non-finite updates -------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The learning-rate schedule: linear decay to 0 over ``trainer.max_steps`` (the paper), or constant, and how a
-resumed run fits it to its budget.
+resumed run fits it to its budget; and the entropy bonus's line (``linear_value``).
 
 A checkpoint restores the scheduler with the budget of the run that wrote it (``LinearLR.total_iters``). A run
 extended with ``--trainer.max_steps`` larger than that, then resumed, would keep counting to the old budget and
@@ -47,3 +47,12 @@ def fit_to_budget(schedule: LinearLR, step: int, total_steps: int | None, decay:
     return (f"Learning rate: the checkpoint's schedule {saved}; this run's (trainer.max_steps={total_steps}) "
             f"{wanted}, so it goes on at {schedule.base_lrs[0] * factor:.3g} from update {step}, as in a run "
             "given this budget from the start")
+
+
+def linear_value(start: float, end: float, step: int, total_steps: int | None) -> float:
+    """The value at update ``step`` of a line from ``start`` (update 0) to ``end`` (update ``total_steps``), held at
+    ``end`` after it."""
+    if total_steps is None or total_steps < 1:
+        raise ValueError(f"a schedule needs trainer.max_steps >= 1 to run over, got {total_steps}")
+    progress = min(1.0, max(0.0, step / total_steps))
+    return start + (end - start) * progress

@@ -89,7 +89,8 @@ def test_the_learning_options_of_the_family_configs_run_together(tmp_path):
                                  "--model.optimizer=adam",
                                  "--model.loss_reduction=mean", "--model.normalize_advantages=true",
                                  "--model.value_normalization=popart", "--model.value_norm_beta=0.5",
-                                 "--model.value_clip=0.2", "--trainer.logger=false")])
+                                 "--model.value_clip=0.2", "--model.ent_coef=0.03", "--model.ent_coef_final=0.0",
+                                 "--trainer.logger=false")])
     assert cli.trainer.global_step == 6
     assert EpisodeStats.of(cli.trainer).env_frames == 6 * 5
     assert cli.model.network.normalizer.count.item() == 6 * 5
@@ -97,6 +98,7 @@ def test_the_learning_options_of_the_family_configs_run_together(tmp_path):
     value_normalizer = cli.model.network.value_normalizer
     assert value_normalizer.updates.item() == 3  # the first pass's 3 minibatches, not the second pass's
     assert value_normalizer.mean.item() != 0.0 and value_normalizer.std.item() != 1.0
+    assert cli.model.entropy_coefficient() == 0.0  # the entropy schedule's end, at trainer.max_steps
 
 
 def test_print_config_round_trips(tmp_path, capsys):
@@ -157,6 +159,8 @@ BAD_INPUTS = [
     ("--model.value_norm_beta=0", "value_norm_beta must be in (0, 1] (the statistics' step), got 0.0"),
     ("--model.optimizer=sgd", "model.optimizer: expected one of 'rmsprop', 'adam', got 'sgd'"),
     ("--trainer.max_steps=-1", "trainer.max_steps, which is -1"),
+    ("--model.lr_decay=false --model.ent_coef_final=0 --trainer.max_steps=-1",
+     "model.ent_coef_final is reached at trainer.max_steps, which is -1"),
     ("--episode_stats.return_window=0", "episode_stats.return_window: expected a PositiveInt (v>0), got 0"),
     # settings that contradict each other
     ("--data.actors=remote --trainer.accelerator=cpu --trainer.devices=2 --trainer.strategy=ddp",

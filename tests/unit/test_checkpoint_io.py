@@ -16,7 +16,7 @@ from lit_impala.checkpoint_io import (
     remove_partial_files,
     write_atomically,
 )
-from lit_impala.schedule import fit_to_budget, linear_schedule
+from lit_impala.schedule import fit_to_budget, linear_schedule, linear_value
 
 
 def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
@@ -135,3 +135,15 @@ def test_turning_the_decay_off_on_resume_keeps_the_rate_constant():
     restored.load_state_dict(saved.state_dict())
     assert "is constant" in fit_to_budget(restored, step=30, total_steps=100, decay=False)
     assert _rates(restored, 3) == [0.002] * 3
+
+
+def test_the_entropy_schedule_is_a_line_from_its_start_to_its_end_held_after_it():
+    # model.ent_coef 0.05 -> model.ent_coef_final 0.01 over 400 updates, by hand
+    assert linear_value(0.05, 0.01, 0, 400) == 0.05
+    assert linear_value(0.05, 0.01, 100, 400) == pytest.approx(0.04, abs=1e-15)
+    assert linear_value(0.05, 0.01, 300, 400) == pytest.approx(0.02, abs=1e-15)
+    assert linear_value(0.05, 0.01, 400, 400) == pytest.approx(0.01, abs=1e-15)
+    assert linear_value(0.05, 0.01, 900, 400) == pytest.approx(0.01, abs=1e-15)  # an extended run, before resume
+    assert linear_value(0.0, 0.02, 200, 400) == pytest.approx(0.01, abs=1e-15)  # it may rise as well
+    with pytest.raises(ValueError, match="max_steps >= 1"):
+        linear_value(0.05, 0.01, 0, -1)
