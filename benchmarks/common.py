@@ -27,7 +27,9 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 def machine() -> dict:
     """Cores, CPU model, GPU (if any) and library versions: every result is tagged with them."""
-    cpu_model = platform.processor() or "unknown"
+    # Not platform.processor(): on Linux it runs `uname -p` as a child process, and a benchmark that only
+    # reuses finished results must start none (tests/integration/test_benchmarks.py checks).
+    cpu_model = platform.machine() or "unknown"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -56,3 +56,18 @@ def test_a_seed_runs_with_the_repository_configs_and_records_them_relative():
     assert absolute[:4] == ["fit", "--config", str(learning.REPO / "configs" / "minatar.yaml"),
                             f"--config={learning.REPO / 'configs' / 'cartpole_ddp.yaml'}"]
     assert absolute[4:] == arguments[4:]
+
+
+def test_the_machine_facts_start_no_process(monkeypatch):
+    """A benchmark that only reuses finished seeds must start no child process; ``platform.processor()`` would
+    (``uname -p`` on Linux), which once failed the reuse check in tests/integration/test_benchmarks.py at random."""
+    import subprocess
+
+    from benchmarks.common import machine
+
+    def no_process(*args, **kwargs):
+        raise AssertionError(f"a child process was started: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    facts = machine()
+    assert facts["cores"] >= 1 and facts["cpu_model"] not in ("", "unknown")
