@@ -11,7 +11,7 @@ logged history of every seed is then written per task as
 * ``results/learning/<task>.json``: every seed's curve, and the summary row;
 
 and the summary table (final mean return over the last 100 episodes; frames and wall seconds to the target, per
-seed) is printed, written to ``results/learning.json``, and put into README.md between the
+seed) is printed, written to ``results/learning.json``, and put into docs/results.md between the
 ``<!-- learning-table -->`` markers. Rerunning a task replaces its files and its row.
 
 Stopping and going on: Ctrl-C stops the running ``fit`` after its current update, with a checkpoint (a second
@@ -49,7 +49,7 @@ import numpy as np
 from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, OneLineErrorParser, print_table, write_result
 
 REPO = Path(__file__).resolve().parent.parent
-README = REPO / "README.md"
+RESULTS_PAGE = REPO / "docs" / "results.md"  # where the table and the plots are shown
 WORKDIR = REPO / "runs" / "learning"
 CURVE_FILE, COMMAND_FILE = "curve.json", "command.json"
 TABLE_START, TABLE_END = "<!-- learning-table -->", "<!-- /learning-table -->"
@@ -415,7 +415,7 @@ def versus_references(final: float, references: tuple[Reference, ...]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The summary table, then each task's plot (README.md shows both)."""
+    """The summary table, then each task's plot, as docs/results.md shows them (the plots' paths are relative to it)."""
     def fmt_list(values, scale, unit):
         return " / ".join("not reached" if v is None else f"{v / scale:.{2 if scale > 1 else 1}f}{unit}"
                           for v in values)
@@ -447,17 +447,18 @@ def markdown_table(rows: list[dict]) -> str:
     lines.append("")
     lines += [f"[{number}] {source}  " for number, source in enumerate(sources, 1)]
     lines.append("")
-    lines += [f"![{row['task']}](benchmarks/results/learning/{row['task']}.png)" for row in rows]
+    lines += [f"![{row['task']}](../benchmarks/results/learning/{row['task']}.png)" for row in rows]
     return "\n".join(lines)
 
 
-def update_readme(table: str, readme: Path = README) -> bool:
-    text = readme.read_text()
+def update_results_page(table: str, page: Path = RESULTS_PAGE) -> bool:
+    """Put ``table`` between the page's markers; False if it has none."""
+    text = page.read_text()
     if TABLE_START not in text or TABLE_END not in text:
         return False
     head, rest = text.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
-    readme.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
+    page.write_text(f"{head}{TABLE_START}\n{table}\n{TABLE_END}{tail}")
     return True
 
 
@@ -478,7 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "(default: runs/learning in the repository)")
     parser.add_argument("--fresh", action="store_true",
                         help="start every seed of the tasks over, even one finished or stopped with the same command")
-    parser.add_argument("--no-readme", action="store_true", help="do not rewrite README.md's table")
+    parser.add_argument("--no-table", "--no-readme", dest="no_table", action="store_true",
+                        help="do not rewrite the table in docs/results.md")
     parser.add_argument("--replot", action="store_true",
                         help="run nothing: redraw the plots and rows from the curves already in results/learning "
                              "(after a change to a task's references or target)")
@@ -532,8 +534,8 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown_table(ordered)
     result = {"rows": ordered, "table_markdown": table}
     write_result("learning", result)
-    if not args.no_readme and update_readme(table):
-        print(f"updated the table in {README.name}")
+    if not args.no_table and update_results_page(table):
+        print(f"updated the table in {RESULTS_PAGE.relative_to(REPO)}")
     return result
 
 

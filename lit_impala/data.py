@@ -153,7 +153,7 @@ class ImpalaDataModule(L.LightningDataModule):
         remote_bind_address: the address every socket of the learner for remote actors listens on. None:
             ``127.0.0.1`` for ``mp`` (nothing outside this host can connect), this host name's address for
             ``submitit``; ``external`` needs one (the address the nodes reach; ``0.0.0.0``: every interface).
-            Each node proves a shared secret before it gets anything (see README, Security).
+            Each node proves a shared secret before it gets anything (README.md#security).
         remote_backend: torch.distributed backend between learner and remote actors.
         slurm_kwargs: ``submitit.AutoExecutor`` parameters for ``remote_launcher: submitit``.
         remote_node_timeout_s: a remote actor node that delivers no rollout for this many seconds after

@@ -8,7 +8,8 @@ observation -> first observation) between episodes. Here torchrl resets finished
 exactly as with gymnasium's disabled autoreset: ``("next", "observation")`` at a ``done`` step is the
 real final observation.
 
-Atari options map onto envpool's own preprocessing; the differences from ``envs.atari`` are in the README.
+Atari options map onto envpool's own preprocessing; the differences from ``envs.atari``:
+docs/performance.md#env-backends-gymnasium-or-envpool.
 """
 
 from __future__ import annotations

@@ -66,12 +66,12 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     import matplotlib.image
 
     work = tmp_path / "work"
-    arguments = ["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-readme", "--workdir", str(work)]
+    arguments = ["--tasks", "cartpole", "--frames", "40000", "--seeds", "1", "--no-table", "--workdir", str(work)]
     run = run_lit_impala(arguments, tmp_path, timeout_s=300, module="benchmarks.learning")
     assert run.returncode == 0, run.tail()
     assert re.search(r"^cartpole seed 0: [\d.-]+ after [\d,]+ frames, \d+ s$", run.stdout, re.M), run.tail()
     assert "Learning: mean return of the last 100 episodes" in run.stdout and "Traceback" not in run.output
-    assert "updated the table" not in run.stdout  # --no-readme
+    assert "updated the table" not in run.stdout  # --no-table
     assert_all_gone(run.descendants)  # the fit process and its actors
     png = results_in_tmp / "learning" / "cartpole.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -98,18 +98,18 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     assert f"cartpole seed 0: reusing the curve finished in {seed_dir}" in again.stdout, again.tail()
     assert not again.descendants and "frames, " not in again.stdout  # no fit ran
     assert json.loads((results_in_tmp / "learning" / "cartpole.json").read_text()) == curves
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
-    assert learning.update_readme(result["table_markdown"], readme)
-    text = readme.read_text()
+    page = tmp_path / "results.md"
+    page.write_text(f"before\n{learning.TABLE_START}\nold\n{learning.TABLE_END}\nafter\n")
+    assert learning.update_results_page(result["table_markdown"], page)
+    text = page.read_text()
     assert "old" not in text and "| cartpole | 1 |" in text and text.startswith("before") and text.endswith("after\n")
-    assert "![cartpole](benchmarks/results/learning/cartpole.png)" in text
+    assert "![cartpole](../benchmarks/results/learning/cartpole.png)" in text  # docs/results.md's place
     # The published reference sits next to ours, with its budget, a plain verdict and its source under the table.
     assert "PPO 490.04 at 0.5M [1]" in text and "[1] CleanRL ppo.py, CartPole-v1" in text
     assert row["versus_references"].startswith("below PPO (490.04 at 0.5M)")
     # --replot redraws the plot and the row from the saved curve without running anything.
     png.unlink()
-    replot = run_lit_impala(["--replot", "--no-readme"], tmp_path, timeout_s=120, module="benchmarks.learning")
+    replot = run_lit_impala(["--replot", "--no-table"], tmp_path, timeout_s=120, module="benchmarks.learning")
     assert replot.returncode == 0, replot.tail()
     assert " seed 0: " not in replot.stdout and "Learning: mean return" in replot.stdout  # no fit process ran
     replotted = read(results_in_tmp, "learning")["rows"]

@@ -72,7 +72,7 @@ def test_episode_returns_equal_lengths_and_ends_are_classified(batches, request)
         if backend == "gymnasium":
             assert not out_of_bounds(final[trunc]).any()
         # envpool: an episode that terminates at the time limit's very step is reported truncated only
-        # (envpool computes terminated = done and not truncated); README, "env backends"
+        # (envpool computes terminated = done and not truncated); docs/performance.md#env-backends-gymnasium-or-envpool
         assert not out_of_bounds(final[~done]).any()
         terminations += int(trajectory.terminated.sum())
         truncations += int(trunc.sum())
