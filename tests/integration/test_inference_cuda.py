@@ -11,7 +11,8 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.data import ImpalaDataModule
 from lit_impala.schema import to_time_major
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the served policy runs on the GPU")
+pytestmark = [pytest.mark.gpu,  # benchmarks/gpu_check.py runs every test marked gpu on a GPU machine
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the served policy runs on the GPU")]
 
 
 @pytest.mark.parametrize("use_lstm", [False, True], ids=["feed-forward", "lstm"])

@@ -67,7 +67,7 @@ def test_wandb_history_has_every_metric_histograms_and_an_eval_video(tmp_path):
     keys, history, run_dir = wandb_keys(tmp_path)
     missing = [k for k in SCALARS if k not in keys]
     assert not missing, f"missing from the W&B history: {missing}; logged: {sorted(keys)}"
-    # Every name the run logged is in the README's metrics table (tests/unit/test_docs.py checks the other way).
+    # Every name the run logged is in README.md#seeing-what-the-agent-does (tests/unit/test_docs.py: the other way).
     media = {k.removesuffix("/_type") for k in keys if k.endswith("/_type")}  # a histogram or video: name/_type, ...
     logged = {k for k in keys if not k.startswith("_") and not any(k.startswith(m + "/") for m in media)} | media
     undocumented = logged - documented_metrics() - {"trainer/global_step", "epoch"}  # W&B's and Lightning's own

@@ -73,13 +73,15 @@ def tracked_text_files() -> list[Path]:
 def test_every_page_and_section_named_in_the_code_and_configs_exists():
     problems = []
     for path in tracked_text_files():
+        if path.name == Path(__file__).name:  # its examples of broken links are meant to be broken
+            continue
         text = path.read_text()
         for page, anchor in NAMED_PAGE.findall(text):
             if path.suffix == ".md":  # markdown files: their links are checked above; here the plain mentions
                 continue
             if (problem := broken(REPO / "README.md", page.removeprefix("../") + anchor)) is not None:
                 problems.append(f"{path.relative_to(REPO)}: {problem}")
-        if path.suffix == ".md" or path.name == Path(__file__).name:
+        if path.suffix == ".md":
             continue
         for number, line in enumerate(text.splitlines(), 1):
             if any(not OTHER_PROJECT.search(line[:m.start()]) for m in BARE_README.finditer(line)):

@@ -152,7 +152,8 @@ def test_outputs_carry_no_gradient():
         assert tensor.grad_fn is None
 
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NO_CUDA])]  # gpu: the GPU check runs it
 
 
 @pytest.mark.parametrize("device", DEVICES)
