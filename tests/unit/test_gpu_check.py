@@ -62,3 +62,9 @@ def test_the_device_command_is_one_offline_line_the_device_tool_takes():
     assert command.endswith("python3 -m benchmarks.gpu_check run --out $OUT")
     wheel = f"{gpu_check.WHEELHOUSE}/torchrl-0.14.1-cp312-cp312-manylinux_2_28_x86_64.whl"
     assert subprocess.run(["git", "check-ignore", "-q", wheel], cwd=REPO).returncode == 0  # carried, not committed
+
+
+def test_every_step_at_its_time_limit_still_fits_the_gpu_time(tmp_path):
+    steps = gpu_check.steps(tmp_path, dry_run=False)
+    assert [step.name for step in steps] == ["cuda_tests", "vtrace", "fit_pong", "train_pong"]
+    assert sum(step.limit_s for step in steps) <= gpu_check.STEPS_BUDGET_S <= 540
