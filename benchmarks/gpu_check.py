@@ -259,8 +259,9 @@ def read_train(output: str, out: Path) -> dict:
     with open(log) as file:
         for row in csv.DictReader(file):
             last.update({key: float(value) for key, value in row.items() if value not in ("", None)})
-    return {key: last[key] for key in ("step", "env_frames", "frames_per_second", "updates_per_second",
-                                       "episode/return", "time/train_s") if key in last}
+    return {key: last[key] for key in ("step", "progress/env_frames", "progress/frames_per_second",
+                                       "progress/updates_per_second", "episode/return", "progress/train_s")
+            if key in last}
 
 
 READERS = {"pytest": read_pytest, "vtrace": read_vtrace, "fit": read_fit, "train": read_train}

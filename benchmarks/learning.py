@@ -306,14 +306,21 @@ def csv_logs(directory: Path) -> list[Path]:
     return sorted(directory.rglob("metrics.csv"), key=lambda path: (str(path.parent.parent), version(path)))
 
 
+# Metric names before they were grouped by prefix: a seed stopped under the old names resumes into the new ones.
+FRAMES_NAMES, SECONDS_NAMES = ("progress/env_frames", "env_frames"), ("progress/train_s", "time/train_s")
+
+
 def read_log(path: Path) -> list[tuple[float, float, float]]:
-    """The logged ``(env frames, mean return, time/train_s)`` rows of one CSV log, in order."""
+    """The logged ``(env frames, mean return, progress/train_s)`` rows of one CSV log, in order."""
+    def first(row: dict, names: tuple[str, ...]) -> str | None:
+        return next((row[name] for name in names if row.get(name)), None)
+
     rows = []
     with open(path) as f:
         for row in csv.DictReader(f):
-            if row.get("episode/return") and row.get("env_frames"):
-                rows.append((float(row["env_frames"]), float(row["episode/return"]),
-                             float(row.get("time/train_s") or "nan")))
+            frames = first(row, FRAMES_NAMES)
+            if row.get("episode/return") and frames:
+                rows.append((float(frames), float(row["episode/return"]), float(first(row, SECONDS_NAMES) or "nan")))
     return rows
 
 

@@ -44,7 +44,7 @@ class UnrollStream(IterableDataset):
 
     Each collector item is one actor's ``[envs_per_actor, unroll_length]`` rollout; unrolls are
     regrouped into batches of exactly ``batch_size``. An unroll holding a step its env marked non-finite
-    (``NONFINITE_KEY``, ``data.nonfinite_data: drop``) is dropped first, and counted in ``unrolls_dropped``;
+    (``NONFINITE_KEY``, ``data.nonfinite_data: drop``) is dropped first, and counted in ``faults/unrolls_dropped``;
     no other is. Each batch is gone over ``passes`` times in a row, each pass as ``minibatches`` minibatches
     ``[batch_size / minibatches, unroll_length]`` of whole unrolls in a fresh random order (drawn from a
     generator seeded with ``seed``); with one minibatch a pass is the batch itself, in arrival order. Every
@@ -159,7 +159,7 @@ class ImpalaDataModule(L.LightningDataModule):
         remote_node_timeout_s: a remote actor node that delivers no rollout for this many seconds after
             being asked for one, or does not acknowledge new weights within them, is lost (a node whose
             process or SLURM job ends is lost at once). A lost node is named in a warning and training
-            goes on with the others (``actors_lost`` counts them); with none left the run stops with an
+            goes on with the others (``faults/actors_lost`` counts them); with none left the run stops with an
             error naming each one. Nodes cannot be restarted into a running run (torchrl 0.14).
         remote_join_timeout_s: every remote actor node must join within this many seconds (else the run stops
             with an error naming the missing ranks); a node waits this long at most for the learner at any
@@ -184,7 +184,7 @@ class ImpalaDataModule(L.LightningDataModule):
             actor, at every step and reset). ``raise``: the run stops at once with an error naming the env,
             the actor, the sub-env and its step (no restart: the env would do it again). ``drop``: the values
             are replaced by 0 for the actor, that episode ends there, the actor logs a warning, and every unroll
-            holding such a step is dropped before batching (``unrolls_dropped``): the learner, its observation
+            holding such a step is dropped before batching (``faults/unrolls_dropped``): the learner, its observation
             statistics and the episode statistics never see them.
     """
 

@@ -112,7 +112,7 @@ class ImpalaModule(L.LightningModule):
         adam_eps: Adam's epsilon (CleanRL's 1e-5).
         max_grad_norm: clip the global gradient norm to this value (None: no clipping).
         max_nonfinite_updates: an update whose loss or gradient is not finite is skipped (the weights,
-            and so the actors, never see it; counted in ``nonfinite_updates``); this many in a row
+            and so the actors, never see it; counted in ``faults/nonfinite_updates``); this many in a row
             stop the run with an error (and the on-exception checkpoint holds the last finite weights).
     """
 
@@ -204,7 +204,7 @@ class ImpalaModule(L.LightningModule):
         if EpisodeStats.of(trainer) is None:  # the CLI adds a configured one (the `episode_stats` section)
             callbacks.append(EpisodeStats())
         if trainer.loggers and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
-            callbacks.append(LearningRateMonitor(logging_interval="step"))  # logs `lr` (the scheduler's name)
+            callbacks.append(LearningRateMonitor(logging_interval="step"))  # logs `train/lr` (the scheduler's name)
         return callbacks
 
     # --- learning ---------------------------------------------------------------------------------
@@ -318,9 +318,10 @@ class ImpalaModule(L.LightningModule):
         metrics = update_metrics(update, hp.clip_rho_threshold, hp.clip_c_threshold, hp.clip_pg_rho_threshold)
         for name, (value, reduce_fx) in metrics.items():  # DDP: synced over ranks; no-op on one device
             self.log(name, value, batch_size=update.log_rhos.shape[1], sync_dist=True, reduce_fx=reduce_fx)
-        self.log_dict({"grad_norm": float(self._grad_norm), "nonfinite_updates": float(self.nonfinite_updates)})
-        if hp.ent_coef_final is not None:  # the weight from here on, as Lightning's "lr" is
-            self.log("ent_coef", self.entropy_coefficient())
+        self.log_dict({"train/grad_norm": float(self._grad_norm),
+                       "faults/nonfinite_updates": float(self.nonfinite_updates)})
+        if hp.ent_coef_final is not None:  # the weight from here on, as the learning rate is
+            self.log("train/ent_coef", self.entropy_coefficient())
 
     # --- the guard against non-finite updates -------------------------------------------------------
 
@@ -399,7 +400,7 @@ class ImpalaModule(L.LightningModule):
         # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
         # measure an endless dataloader. Linear to 0 over the run (the paper), or constant.
         schedule = linear_schedule(optimizer, self.trainer.max_steps, hp.lr_decay)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "lr"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 
     def on_train_start(self) -> None:
         # After a checkpoint was restored: its schedule counts to the budget of the run that wrote it.

@@ -16,7 +16,7 @@ from torch.optim.lr_scheduler import LinearLR
 
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int | None, decay: bool) -> LinearLR:
     """``LinearLR`` from the optimizer's learning rate to 0 over ``total_steps`` (``decay``), or constant.
-    A scheduler either way, so that Lightning's ``LearningRateMonitor`` logs the rate as ``lr``."""
+    A scheduler either way, so that Lightning's ``LearningRateMonitor`` logs the rate (as ``train/lr``)."""
     if decay and (total_steps is None or total_steps < 1):
         raise ValueError(f"lr_decay needs trainer.max_steps >= 1 to decay over, got {total_steps}")
     return LinearLR(optimizer, start_factor=1.0, end_factor=0.0 if decay else 1.0,

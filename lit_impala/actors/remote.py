@@ -27,7 +27,7 @@ network, and every socket listens on ``data.remote_bind_address`` only (``actors
 that the learner reads store bytes and tensors received into fixed buffers, and checks each rollout on
 arrival (``actors.rollout_check``): a rollout with non-finite values, a log-probability above 0, a version
 the learner never published or an action out of range is dropped with a warning naming its node, counted
-in ``rollouts_rejected``, and the node is asked for its next one.
+in ``faults/rollouts_rejected``, and the node is asked for its next one.
 
 A lost node (its process died, its SLURM job ended, or it answered nothing for ``node_timeout_s``)
 is dropped with a warning naming it, and the run goes on with the others; when none is left, the
@@ -79,7 +79,7 @@ class RemoteActors:
     none left, iterating or publishing raises ``RuntimeError`` naming each lost node.
 
     A rollout that fails ``rollout_check.rollout_problem`` (or that its node did not send because its
-    structure differs from the receive buffer's) is dropped: ``rollouts_rejected`` counts them, a warning
+    structure differs from the receive buffer's) is dropped: ``faults/rollouts_rejected`` counts them, a warning
     (its first 3, then at most one every 10 s) names the node and the problem, and the node is asked for its next.
 
     Why not torchrl's own iterator: in torchrl 0.14 ``DistributedCollector``'s async loop has no
@@ -161,7 +161,7 @@ class RemoteActors:
             return
         self._rejected_warned[rank] = (warned + 1, now, 0)
         more = f"; {unwarned} more dropped from it since the last warning" if unwarned else ""
-        log.warning("dropped a rollout from remote actor %s: %s; training goes on (rollouts_rejected: %d%s)",
+        log.warning("dropped a rollout from remote actor %s: %s; training goes on (faults/rollouts_rejected: %d%s)",
                     self.nodes.name(rank), problem, self.rollouts_rejected, more)
 
     def _receive(self, rank: int) -> TensorDictBase | None:

@@ -35,14 +35,15 @@ class EpisodeStats(L.Callback):
     """Frames, episode returns and lengths, frames/s, and the stop rule.
 
     Logged every ``trainer.log_every_n_steps`` updates and at the last one, whatever ended the run:
-    ``env_frames``, ``frames_per_second``, ``updates_per_second``, ``time/data_wait_fraction``,
-    ``episode/return`` and ``episode/length`` (once an episode has finished; sums over DDP ranks),
-    ``time/train_s`` (wall seconds since this process's first update began, for curves against wall time),
-    their histograms (this rank's episodes), ``actor_restarts``, ``actors_lost``, ``rollouts_rejected`` (remote
-    rollouts that failed the checks on arrival) and ``unrolls_dropped`` (``data.nonfinite_data: drop``);
-    ``frames``, ``fps`` and ``return`` in the progress bar. ``trainer.max_steps`` reached also sets
-    ``trainer.should_stop``, so that Lightning writes the last update's row to the loggers. An episode whose
-    return or length is not finite never enters the window (``nonfinite_episodes`` counts them).
+    ``progress/env_frames``, ``progress/frames_per_second``, ``progress/updates_per_second``,
+    ``progress/data_wait_fraction``, ``progress/train_s`` (wall seconds since this process's first update began,
+    for curves against wall time), ``episode/return`` and ``episode/length`` (once an episode has finished; sums
+    over DDP ranks), their histograms (this rank's episodes), ``faults/actor_restarts``, ``faults/actors_lost``,
+    ``faults/rollouts_rejected`` (remote rollouts that failed the checks on arrival) and ``faults/unrolls_dropped``
+    (``data.nonfinite_data: drop``); ``frames``, ``fps`` and ``return`` in the progress bar only.
+    ``trainer.max_steps`` reached also sets ``trainer.should_stop``, so that Lightning writes the last update's row
+    to the loggers. An episode whose return or length is not finite never enters the window (the attribute
+    ``nonfinite_episodes`` counts them).
 
     Args:
         stop_at_return: stop training once the mean return of the last ``return_window`` episodes of
@@ -120,20 +121,21 @@ class EpisodeStats(L.Callback):
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: Progress, now: float) -> None:
         datamodule = trainer.datamodule
         metrics = {
-            "env_frames": progress.env_frames,
-            "actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
-            "actors_lost": float(getattr(datamodule, "actors_lost", 0)),
-            "rollouts_rejected": float(getattr(datamodule, "rollouts_rejected", 0)),
-            "unrolls_dropped": float(getattr(datamodule, "unrolls_dropped", 0)),
+            "progress/env_frames": progress.env_frames,
+            "faults/actor_restarts": float(getattr(datamodule, "actor_restarts", 0)),
+            "faults/actors_lost": float(getattr(datamodule, "actors_lost", 0)),
+            "faults/rollouts_rejected": float(getattr(datamodule, "rollouts_rejected", 0)),
+            "faults/unrolls_dropped": float(getattr(datamodule, "unrolls_dropped", 0)),
         }
         if self._train_start is not None:
-            metrics["time/train_s"] = now - self._train_start
+            metrics["progress/train_s"] = now - self._train_start
         if self._clock is not None and now > self._clock[0]:
             then, frames, step, waited = self._clock
-            metrics["frames_per_second"] = (progress.env_frames - frames) / (now - then)
-            metrics["updates_per_second"] = (trainer.global_step - step) / (now - then)
-            metrics["time/data_wait_fraction"] = (self._data_wait_s - waited) / (now - then)
-            pl_module.log("fps", metrics["frames_per_second"], prog_bar=True)
+            metrics["progress/frames_per_second"] = (progress.env_frames - frames) / (now - then)
+            metrics["progress/updates_per_second"] = (trainer.global_step - step) / (now - then)
+            metrics["progress/data_wait_fraction"] = (self._data_wait_s - waited) / (now - then)
+            # The progress bar's short names, for the bar only: a logger has each quantity once, under its full name.
+            pl_module.log("fps", metrics["progress/frames_per_second"], prog_bar=True, logger=False)
         self._clock = (now, progress.env_frames, trainer.global_step, self._data_wait_s)
         if progress.episodes:  # no return before an episode has finished (0 would read as a real return)
             metrics["episode/return"] = progress.mean_return
@@ -143,9 +145,9 @@ class EpisodeStats(L.Callback):
                 {"episode/return_hist": list(self.episode_returns), "episode/length_hist": list(self.episode_lengths)},
                 trainer.global_step,
             )
-            pl_module.log("return", progress.mean_return, prog_bar=True)
+            pl_module.log("return", progress.mean_return, prog_bar=True, logger=False)
         pl_module.log_dict(metrics)
-        pl_module.log("frames", progress.env_frames, prog_bar=True)
+        pl_module.log("frames", progress.env_frames, prog_bar=True, logger=False)
 
     def _across_ranks(self, trainer: L.Trainer, device: torch.device) -> Progress:
         """Env frames and recent episodes summed over all DDP ranks (one all-reduce per update, none

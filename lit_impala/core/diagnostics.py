@@ -34,9 +34,9 @@ def update_metrics(
         "loss/policy": (update.terms.policy, "mean"),
         "loss/baseline": (update.terms.baseline, "mean"),
         "loss/entropy": (update.terms.entropy, "mean"),
-        "entropy": (update.entropy.mean(), "mean"),
+        "train/entropy": (update.entropy.mean(), "mean"),
         "policy_lag/mean": (update.policy_lag.mean(), "mean"),
-        "value/mean": (update.baseline.mean(), "mean"),
+        "train/value_mean": (update.baseline.mean(), "mean"),
     }
 
 

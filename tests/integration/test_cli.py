@@ -60,10 +60,11 @@ def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
     while not (history := read_history(offline_runs[0])) and time.monotonic() < deadline:
         time.sleep(0.5)  # under CPU load wandb's service may write the records after finish() returns
     logged = set().union(*history)
-    for key in ("env_frames", "frames_per_second", "episode/return", "loss/total", "loss/policy", "loss/baseline",
-                "loss/entropy", "entropy", "lr", "policy_lag/mean", "rho/mean", "grad_norm"):
+    for key in ("progress/env_frames", "progress/frames_per_second", "episode/return", "loss/total", "loss/policy",
+                "loss/baseline", "loss/entropy", "train/entropy", "train/lr", "policy_lag/mean", "rho/mean",
+                "train/grad_norm"):
         assert key in logged, f"{key} missing from the W&B history: {sorted(logged)}"
-    assert max(row.get("env_frames", 0) for row in history) == 6 * 5 * 4
+    assert max(row.get("progress/env_frames", 0) for row in history) == 6 * 5 * 4
     assert list(tmp_path.rglob("last.ckpt")), "a final checkpoint must be saved"
 
 

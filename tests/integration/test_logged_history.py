@@ -74,14 +74,14 @@ def test_no_return_before_an_episode_ends_and_the_last_update_is_logged(tmp_path
     assert run.returncode == 0, run.tail()
     assert "mean return of the last 0 episodes: none finished" in run.stdout, run.tail()
     rows = csv_rows(tmp_path / "csv")
-    logged_steps = sorted({int(row["step"]) for row in rows if row.get("env_frames")})
+    logged_steps = sorted({int(row["step"]) for row in rows if row.get("progress/env_frames")})
     assert logged_steps == [4, 9, 12], logged_steps  # every 5 updates, and the 13th (the last) too
     for key in ("episode/return", "return", "episode/length"):
         assert not any(row.get(key) for row in rows), f"{key} logged before any episode finished"
-    last = next(row for row in rows if row.get("env_frames") and int(row["step"]) == 12)
-    assert float(last["env_frames"]) == 13 * 8 * 20 and last["loss/total"], last
+    last = next(row for row in rows if row.get("progress/env_frames") and int(row["step"]) == 12)
+    assert float(last["progress/env_frames"]) == 13 * 8 * 20 and last["loss/total"], last
     # wall seconds of training, for curves against time (benchmarks.learning): rising from the first row
-    seconds = [float(row["time/train_s"]) for row in rows if row.get("time/train_s")]
+    seconds = [float(row["progress/train_s"]) for row in rows if row.get("progress/train_s")]
     assert len(seconds) == 3 and 0 < seconds[0] < seconds[1] < seconds[2] < 600, seconds
 
 

@@ -67,7 +67,8 @@ def test_drop_trains_on_without_the_nan_unrolls_and_the_saved_statistics_are_fin
                      rf"step {NONFINITE_AT_STEP}.*: replaced by 0, the episode ends there and its unroll is dropped",
                      run.stderr), run.tail()
     (metrics,) = (tmp_path / "csv").rglob("metrics.csv")
-    dropped = [float(row["unrolls_dropped"]) for row in csv.DictReader(metrics.open()) if row.get("unrolls_dropped")]
+    dropped = [float(row["faults/unrolls_dropped"]) for row in csv.DictReader(metrics.open())
+               if row.get("faults/unrolls_dropped")]
     # Each of the 4 sub-envs returns one NaN observation, at the same step: their 4 unrolls are dropped.
     assert dropped[-1] == 4 and dropped == sorted(dropped), dropped
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]

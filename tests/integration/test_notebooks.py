@@ -78,7 +78,7 @@ def test_quickstart_trains_cartpole_and_plots(output_dir):
         rows = list(csv.DictReader(file))
     returns = [float(row["episode/return"]) for row in rows if row.get("episode/return")]
     assert len(returns) >= 5, f"too few logged returns: {returns}"
-    assert any(row.get("frames_per_second") for row in rows)
+    assert any(row.get("progress/frames_per_second") for row in rows)
     assert returns[-1] > 50, f"final mean return {returns[-1]:.1f}: no better than random (~22)"
 
 

@@ -15,13 +15,13 @@ CONFIG = str(REPO / "configs" / "cartpole.yaml")
 
 # Everything the learner logs (issue: metrics that explain off-policy learning).
 SCALARS = [
-    "env_frames", "frames_per_second", "updates_per_second",
+    "progress/env_frames", "progress/frames_per_second", "progress/updates_per_second",
     "episode/return", "episode/length",
     "policy_lag/mean", "policy_lag/max",
     "rho/mean", "rho/min", "rho/max", "rho/ess",
     "rho/clipped_by_rho_bar", "rho/clipped_by_c_bar", "rho/clipped_by_pg_rho_bar",
-    "loss/total", "loss/policy", "loss/baseline", "loss/entropy", "entropy", "value/mean",
-    "grad_norm", "lr", "time/data_wait_fraction",
+    "loss/total", "loss/policy", "loss/baseline", "loss/entropy", "train/entropy", "train/value_mean",
+    "train/grad_norm", "train/lr", "progress/data_wait_fraction",
     "eval/return_mean", "eval/return_std", "eval/length_mean", "eval/episodes",
 ]
 HISTOGRAMS = ["episode/return_hist", "episode/length_hist"]
@@ -82,9 +82,9 @@ def test_wandb_history_has_every_metric_histograms_and_an_eval_video(tmp_path):
     rows = {k: [row[k] for row in history if k in row] for k in SCALARS}
     assert all(0 < v <= 1 + 1e-6 for v in rows["rho/ess"])
     assert all(0 <= v <= 1 for k in SCALARS if k.startswith("rho/clipped") for v in rows[k])
-    assert all(0 <= v <= 1 for v in rows["time/data_wait_fraction"])
+    assert all(0 <= v <= 1 for v in rows["progress/data_wait_fraction"])
     assert all(v >= 0 for v in rows["policy_lag/max"])
-    assert max(rows["env_frames"]) == 30 * 20 * 32
+    assert max(rows["progress/env_frames"]) == 30 * 20 * 32
 
 
 def test_tensorboard_gets_the_same_scalars(tmp_path):

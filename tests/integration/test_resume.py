@@ -185,7 +185,7 @@ def _logged_lr(csv_dir) -> dict[int, float]:
 
     (metrics,) = list(csv_dir.rglob("metrics.csv"))
     with open(metrics) as file:
-        return {int(row["step"]): float(row["lr"]) for row in csv.DictReader(file) if row.get("lr")}
+        return {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(file) if row.get("train/lr")}
 
 
 def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):

@@ -33,6 +33,6 @@ def test_update_metrics_say_how_ddp_reduces_them():
     assert metrics["policy_lag/max"][0].item() == 5.0 and metrics["policy_lag/max"][1] == "max"
     assert metrics["rho/min"][1] == "min" and metrics["rho/max"][1] == "max"
     assert metrics["policy_lag/mean"][0].item() == 2.5
-    assert metrics["loss/baseline"][0].item() == 3.0 and metrics["value/mean"][0].item() == 4.0
+    assert metrics["loss/baseline"][0].item() == 3.0 and metrics["train/value_mean"][0].item() == 4.0
     assert {reduce for name, (_, reduce) in metrics.items() if name not in ("policy_lag/max", "rho/max", "rho/min")} \
         == {"mean"}

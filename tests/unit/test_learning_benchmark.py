@@ -41,9 +41,19 @@ def test_a_resumed_run_is_one_curve_later_values_kept_seconds_going_on():
 def test_csv_logs_are_read_oldest_version_first(tmp_path):
     for version in (10, 2, 0, 9):
         (tmp_path / "run" / f"version_{version}").mkdir(parents=True)
-        (tmp_path / "run" / f"version_{version}" / "metrics.csv").write_text("env_frames,episode/return\n")
+        (tmp_path / "run" / f"version_{version}" / "metrics.csv").write_text("progress/env_frames,episode/return\n")
     assert [path.parent.name for path in learning.csv_logs(tmp_path)] == [
         "version_0", "version_2", "version_9", "version_10"]
+
+
+def test_a_log_under_the_metric_names_before_the_prefixes_reads_as_one_under_the_new(tmp_path):
+    """A seed stopped before the names were grouped (``env_frames``, ``time/train_s``) resumes into a log with the
+    new ones: both versions read the same way."""
+    old, new = tmp_path / "version_0.csv", tmp_path / "version_1.csv"
+    old.write_text("step,env_frames,episode/return,time/train_s,loss/total\n9,640,1.5,2.0,\n10,,,,0.3\n")
+    new.write_text("step,progress/env_frames,episode/return,progress/train_s\n19,1280,2.5,1.0\n")
+    assert learning.read_log(old) == [(640.0, 1.5, 2.0)]
+    assert learning.read_log(new) == [(1280.0, 2.5, 1.0)]
 
 
 def test_a_seed_runs_with_the_repository_configs_and_records_them_relative():
