@@ -70,7 +70,8 @@ class ImpalaCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's model hyper-parameters here, while parsing. We read the checkpoint
         # once, for all that needs it (these hyper-parameters, the W&B run, the fit check, Lightning's restore):
-        # `last` or a directory as the newest intact checkpoint, safely (lit_impala.resume).
+        # `last` or a directory as the newest intact checkpoint, safely (lit_impala.resume). A private Lightning
+        # method, with no public hook at this point: tests/unit/test_lightning_internals.py fails if it moves.
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -200,6 +201,8 @@ def main(args: list[str] | None = None) -> None:
         raise SystemExit(1) from None
 
 
+# jsonargparse's error wording for restricted types and literals, made short by one_line; the BAD_INPUTS rows of
+# tests/integration/test_cli.py fail when a jsonargparse release words them otherwise.
 _RESTRICTED = re.compile(
     r'^Parser key "(?P<key>[^"]+)": (?P<union>Does not validate against any of the Union subtypes.*?)?'
     r"Not of type (?P<type>\w+): (?P<value>\S+ )?does not conform to restriction (?P<rule>.+?)"

@@ -40,8 +40,8 @@ def fit_to_budget(schedule: LinearLR, step: int, total_steps: int | None, decay:
     # step's rates in closed form, and every later step follows the new line.
     factor = max(0.0, 1.0 - step / total_steps) if decay else 1.0
     for group, base_lr in zip(schedule.optimizer.param_groups, schedule.base_lrs, strict=True):
-        group["lr"] = base_lr * factor
-    schedule._last_lr = [group["lr"] for group in schedule.optimizer.param_groups]  # what get_last_lr() returns
+        group["lr"] = base_lr * factor  # what the optimizer uses and LearningRateMonitor logs; the scheduler's
+        # own record of it (get_last_lr) follows at the first step
     if unchanged:
         return None
     return (f"Learning rate: the checkpoint's schedule {saved}; this run's (trainer.max_steps={total_steps}) "

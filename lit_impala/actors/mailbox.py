@@ -10,7 +10,6 @@ every update waits for each worker's receiver thread to win the GIL (~36 ms per 
 
 from __future__ import annotations
 
-import _posixshmem
 import mmap
 import os
 from multiprocessing import shared_memory
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 _HEADER_BYTES = 64  # two int64 (sequence, version), padded to a cache line
+SHM_DIRECTORY = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory creates it there)
 
 
 def flat_parameters(module: nn.Module) -> list[Tensor]:
@@ -53,9 +53,10 @@ class WeightMailbox:
 
     def __setstate__(self, state: dict) -> None:
         # Readers map the segment directly rather than through SharedMemory, which on Python < 3.13
-        # registers it with the resource tracker again and so breaks the creator's own cleanup.
+        # registers it with the resource tracker again and so breaks the creator's own cleanup. On Linux a POSIX
+        # shared-memory segment is the file of its name in /dev/shm (what shm_open opens).
         self._owner, self._shm, self._name = False, None, state["name"]
-        fd = _posixshmem.shm_open("/" + self._name.lstrip("/"), os.O_RDWR, mode=0o600)
+        fd = os.open(os.path.join(SHM_DIRECTORY, self._name.lstrip("/")), os.O_RDWR)
         try:
             self._mmap = mmap.mmap(fd, _HEADER_BYTES + 4 * state["numel"])
         finally:

@@ -23,7 +23,7 @@ import gymnasium as gym
 import numpy as np
 import torch
 from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Categorical, Composite, Unbounded
+from torchrl.data import Categorical, Composite, TensorSpec, Unbounded
 from torchrl.envs import EnvBase
 from torchrl.envs.libs.gym import _gym_to_torchrl_spec_transform, set_gym_backend
 
@@ -115,6 +115,18 @@ def _float32_actions(space: gym.Space) -> gym.Space:
     return space
 
 
+def gym_wrapper_spec(space: gym.Space, categorical: bool = False) -> TensorSpec:
+    """The torchrl spec torchrl's ``GymWrapper`` gives a gymnasium ``space`` (``categorical``: discrete actions as
+    indices), so that the envpool backend describes an env exactly as the gymnasium backend does.
+
+    The one use of a torchrl private name outside ``actors.torchrl_distributed``: torchrl 0.14 converts spaces only
+    in ``torchrl.envs.libs.gym._gym_to_torchrl_spec_transform`` (GymWrapper's own conversion) and has no public
+    function for it. ``tests/unit/test_torchrl_internals.py`` checks that it still gives what GymWrapper gives.
+    """
+    with set_gym_backend("gymnasium"):
+        return _gym_to_torchrl_spec_transform(space, categorical_action_encoding=categorical)
+
+
 def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
     """Observation and action spaces of one envpool env (what ``describe_env`` checks)."""
     task_id, kwargs, _ = envpool_config(env_id, **options)
@@ -143,10 +155,8 @@ class EnvpoolEnv(EnvBase):
         self._report_life_loss = report_life_loss
         self._lives: torch.Tensor | None = None
         self._observation = None
-        with set_gym_backend("gymnasium"):
-            action_spec = _gym_to_torchrl_spec_transform(_float32_actions(env.action_space),
-                                                         categorical_action_encoding=True)
-            observation_spec = _gym_to_torchrl_spec_transform(env.observation_space)
+        action_spec = gym_wrapper_spec(_float32_actions(env.action_space), categorical=True)
+        observation_spec = gym_wrapper_spec(env.observation_space)
         self.action_spec = action_spec.expand(num_envs, *action_spec.shape)
         self.observation_spec = Composite(observation=observation_spec.expand(num_envs, *observation_spec.shape),
                                           shape=self.batch_size)

@@ -46,3 +46,21 @@ def test_the_collector_calls_them_in_the_order_we_assume():
     # shutdown speaks the store protocol RemoteActors and the nodes speak
     shutdown = inspect.getsource(DistributedCollector.shutdown)
     assert 'b"shutdown"' in shutdown and 'f"NODE_{rank}_out"' in shutdown and 'b"down"' in shutdown
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
+def test_the_envpool_backends_spec_conversion_is_still_gym_wrappers(env_id):
+    """``envs.envpool.gym_wrapper_spec`` wraps torchrl's private space conversion: it must still give the specs
+    torchrl's public ``GymWrapper`` gives the same gymnasium env, or the two env backends describe envs differently."""
+    import gymnasium as gym
+    from torchrl.envs import GymWrapper
+
+    from lit_impala.envs.envpool import gym_wrapper_spec
+
+    env = gym.make(env_id)
+    try:
+        wrapped = GymWrapper(env, categorical_action_encoding=True)
+        assert gym_wrapper_spec(env.observation_space) == wrapped.observation_spec["observation"]
+        assert gym_wrapper_spec(env.action_space, categorical=True) == wrapped.action_spec
+    finally:
+        env.close()
