@@ -25,8 +25,6 @@ import torch
 from benchmarks.common import build_run, print_table, write_result
 from lit_impala.envs.factory import make_gym_env
 
-BACKENDS = ("gymnasium", "envpool")
-
 
 def available_backends(env_id: str, env_options: dict) -> list[str]:
     """The backends that can run ``env_id`` here (envpool: installed, and has the env)."""
@@ -43,6 +41,7 @@ def available_backends(env_id: str, env_options: dict) -> list[str]:
 
 
 def _vector_env(backend: str, env_id: str, env_options: dict, num_envs: int):
+    # The engine alone, without torchrl: a backend of lit_impala.envs.factory.BACKENDS added here to be measured.
     if backend == "envpool":
         from lit_impala.envs.envpool import envpool_config, import_envpool
 

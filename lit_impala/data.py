@@ -24,7 +24,7 @@ from lit_impala.actors.local import LocalActors
 from lit_impala.actors.pool import ActorPool
 from lit_impala.actors.remote_launch import make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
-from lit_impala.envs.factory import action_space_spec, describe_env
+from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
 from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY
 
 
@@ -206,7 +206,7 @@ class ImpalaDataModule(L.LightningDataModule):
         eval_deterministic: bool = True,
         sync_every: PositiveInt = 1,
         atari_options: dict | None = None,
-        env_backend: Literal["gymnasium", "envpool"] = "gymnasium",
+        env_backend: EnvBackend = "gymnasium",
         actors: Literal["local", "remote"] = "local",
         remote_launcher: Literal["mp", "submitit", "external"] = "mp",
         remote_tcp_port: PositiveInt | None = None,
@@ -253,11 +253,11 @@ class ImpalaDataModule(L.LightningDataModule):
             **({"atari_options": atari_options} if atari_options is not None else {}),
         }
         self.env_facts = describe_env(env_id, backend=env_backend, **self.env_options)
-        if env_backend == "envpool":
+        if env_backend != "gymnasium":
             # What the learner's network is built for must be what the gymnasium envs of evaluation give.
             gymnasium_facts = describe_env(env_id, **self.env_options)
             if gymnasium_facts != self.env_facts:
-                raise ValueError(f"env {env_id!r} differs between the envpool backend ({self.env_facts}) and "
+                raise ValueError(f"env {env_id!r} differs between the {env_backend} backend ({self.env_facts}) and "
                                  f"gymnasium, which evaluation uses ({gymnasium_facts})")
         self.actors: ActorPool | None = None
         self._unroll_stream: UnrollStream | None = None

@@ -1,16 +1,23 @@
-"""Picklable env factories: a gymnasium id -> one torchrl env holding several sub-envs.
+"""Picklable env factories: a gymnasium id -> one torchrl env holding several sub-envs, by env backend.
 
-Each actor process steps ``envs_per_actor`` copies of the env in one gymnasium ``SyncVectorEnv``
+``BACKENDS`` is the registry of env backends (``data.env_backend``): for each name, how to read an env's spaces
+in this process (``describe_env``) and how to build the batched torchrl env an actor steps (``make_vector_env``).
+Evaluation, ``test`` and videos play single gymnasium envs (``make_gym_env``) whatever the backend, since only
+gymnasium renders; the data module checks that a backend describes an env as gymnasium does.
+
+The gymnasium backend steps ``envs_per_actor`` copies of the env in one gymnasium ``SyncVectorEnv``
 (no extra processes) wrapped by torchrl's ``GymWrapper``. Autoreset is *disabled* in gymnasium, so
 torchrl resets finished sub-envs itself: ``("next", "observation")`` is then always the real final
 observation of a step (needed to bootstrap truncated episodes), and no phantom transition appears
-between episodes (the trap of gymnasium 1.x next-step autoreset).
+between episodes (the trap of gymnasium 1.x next-step autoreset). Another backend must give the same keys and
+episode boundaries (``envs.envpool`` says how envpool does); ``tests/unit/test_envs.py`` checks each one.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+from collections.abc import Callable
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -34,7 +41,7 @@ from lit_impala.envs.wrappers import (
 )
 from lit_impala.schema import EPISODE_RETURN_KEY, LIFE_LOST_KEY
 
-EnvBackend = Literal["gymnasium", "envpool"]
+EnvBackend = Literal["gymnasium", "envpool"]  # the names of BACKENDS, as a type the CLI checks and shows
 
 
 class EnvFacts(NamedTuple):
@@ -137,37 +144,33 @@ def make_gym_env(
 
 
 def describe_env(env_id: str, backend: EnvBackend = "gymnasium", **options) -> EnvFacts:
-    """Build one env in this process, check it is supported and return its facts.
+    """Build one env in this process with ``backend``, check it is supported and return its facts.
 
     Raises ``ValueError`` naming the id for an unknown env, and naming the space for an observation
     or action space no agent here handles. Called before any actor process starts.
     """
-    if backend == "envpool":
-        try:
-            obs_space, act_space = describe_envpool_env(env_id, **options)
-        except ValueError:
-            raise
-        except Exception as error:
-            message = f"Env {env_id!r} could not be created by envpool: {type(error).__name__}: {error}"
-            raise ValueError(message) from error
-        return _facts(env_id, obs_space, act_space)
+    try:
+        obs_space, act_space = BACKENDS[backend].spaces(env_id, **options)
+    except ValueError:
+        raise
+    except Exception as error:  # e.g. a missing optional dependency of the env
+        raise ValueError(f"Env {env_id!r} could not be created ({backend}): {type(error).__name__}: {error}") from error
+    return _facts(env_id, obs_space, act_space)
+
+
+def gymnasium_spaces(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
+    """The gymnasium backend's ``spaces``: one env made and closed in this process."""
     _import_env_module(env_id)
     registered = env_id.split(":", 1)[-1]
     if registered not in gym.registry:
         close = difflib.get_close_matches(registered, list(gym.registry), n=3)
         hint = f" Did you mean one of {close}?" if close else ""
         raise ValueError(f"Unknown gymnasium env id {env_id!r}.{hint}")
+    env = make_gym_env(env_id, **options)
     try:
-        env = make_gym_env(env_id, **options)
-    except ValueError:
-        raise
-    except Exception as error:  # e.g. a missing optional dependency of the env
-        raise ValueError(f"Env {env_id!r} could not be created: {type(error).__name__}: {error}") from error
-    try:
-        obs_space, act_space = env.observation_space, env.action_space
+        return env.observation_space, env.action_space
     finally:
         env.close()
-    return _facts(env_id, obs_space, act_space)
 
 
 def _facts(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvFacts:
@@ -204,13 +207,19 @@ def make_vector_env(
     (``nonfinite_data``; messages name ``actor``). Then torchrl's ``InitTracker`` (``is_init``: the
     observation starts an episode, so recurrent actors reset their state), ``RewardSum`` and ``StepCounter``
     (running episode return and length; at a ``done`` step they hold the finished episode's). With
-    ``error_file``, an exception from the envs, or the check's, leaves its traceback there. ``backend``:
-    ``"gymnasium"`` (a ``SyncVectorEnv`` of ``make_gym_env`` envs) or ``"envpool"`` (``envs.envpool``: the
-    same keys and episode boundaries).
+    ``error_file``, an exception from the envs, or the check's, leaves its traceback there. ``backend``: a name
+    of ``BACKENDS``.
     """
     check = FiniteCheck(env_id, nonfinite_data, actor, error_file)
-    if backend == "envpool":
-        return _add_episode_transforms(make_envpool_env(env_id, num_envs, seed, **options), check)
+    env = _add_episode_transforms(BACKENDS[backend].make(env_id, num_envs, seed, error_file, **options), check)
+    if seed is not None:
+        env.set_seed(seed)  # gymnasium seeds its envs here; envpool seeded them when it made them
+    return env
+
+
+def gymnasium_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None, **options) -> EnvBase:
+    """The gymnasium backend's ``make``: a ``SyncVectorEnv`` of ``make_gym_env`` envs behind torchrl's GymWrapper
+    (seeded by ``make_vector_env``)."""
     vector_env = SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
@@ -226,10 +235,26 @@ def make_vector_env(
                 [LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)}
             )
         )
-    env = _add_episode_transforms(base_env, check)
-    if seed is not None:
-        env.set_seed(seed)
-    return env
+    return base_env
+
+
+def envpool_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None, **options) -> EnvBase:
+    """The envpool backend's ``make`` (its C++ errors reach the actor's own error report)."""
+    return make_envpool_env(env_id, num_envs, seed, **options)
+
+
+class Backend(NamedTuple):
+    """An env backend: how to read an env's spaces here and how to build the batched env an actor steps."""
+
+    spaces: Callable[..., tuple[gym.Space, gym.Space]]  # (env_id, **env options) -> (observation, action) spaces
+    make: Callable[..., EnvBase]  # (env_id, num_envs, seed, error_file, **env options) -> torchrl env [num_envs]
+    install: str  # what to install for it
+
+
+BACKENDS: dict[str, Backend] = {
+    "gymnasium": Backend(gymnasium_spaces, gymnasium_vector_env, "gymnasium (always there)"),
+    "envpool": Backend(describe_envpool_env, envpool_vector_env, 'pip install -e ".[envpool]"'),
+}
 
 
 def _add_episode_transforms(base_env: EnvBase, check: FiniteCheck) -> TransformedEnv:

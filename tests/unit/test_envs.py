@@ -92,7 +92,7 @@ def test_behaviour_log_probs_are_those_of_the_published_weights(batches):
     [
         ("CartPole-v9", "Unknown gymnasium env id 'CartPole-v9'"),
         ("Blackjack-v1", "has observation space Tuple"),
-        ("CarRacing-v3", "Env 'CarRacing-v3' could not be created: DependencyNotInstalled"),
+        ("CarRacing-v3", "Env 'CarRacing-v3' could not be created \\(gymnasium\\): DependencyNotInstalled"),
     ],
 )
 def test_unsupported_envs_are_rejected_by_name(env_id, message):
@@ -112,3 +112,13 @@ def test_unsupported_envs_are_rejected_by_name(env_id, message):
 def test_what_envpool_cannot_do_is_refused_by_name(env_id, options, message):
     with pytest.raises(ValueError, match=message):
         describe_env(env_id, backend="envpool", **options)
+
+
+def test_the_env_backend_type_names_every_backend_of_the_registry():
+    """One registry: the ``data.env_backend`` choices the CLI checks are the backends ``make_vector_env`` knows."""
+    import typing
+
+    from lit_impala.envs import factory
+
+    assert typing.get_args(factory.EnvBackend) == tuple(factory.BACKENDS)
+    assert typing.get_type_hints(ImpalaDataModule.__init__)["env_backend"] == factory.EnvBackend
