@@ -9,8 +9,8 @@ restored the learner, and serves its rollouts through ``UnrollStream`` as learne
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Literal
+from collections.abc import Callable, Iterator
+from typing import Literal, Protocol, runtime_checkable
 
 import lightning as L
 import numpy as np
@@ -25,6 +25,7 @@ from lit_impala.actors.pool import ActorPool
 from lit_impala.actors.remote_launch import make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
+from lit_impala.episodes import EpisodeSpec
 from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY
 
 
@@ -101,6 +102,16 @@ class UnrollStream(IterableDataset):
             return rollout
         self.unrolls_dropped += num_dropped
         return rollout[~dropped]
+
+
+@runtime_checkable
+class ActorsLearner(Protocol):
+    """What the data module needs of the ``LightningModule`` it feeds, to start the actors: the network whose
+    weights they act with (published after every update by ``callbacks.ActorWeightSync``) and a picklable recipe
+    that builds the same network in an actor process. ``ImpalaModule`` is one."""
+
+    network: nn.Module
+    network_factory: Callable[[], nn.Module]
 
 
 class ImpalaDataModule(L.LightningDataModule):
@@ -264,6 +275,11 @@ class ImpalaDataModule(L.LightningDataModule):
         self._ended_pools: tuple[int, int, int] = (0, 0, 0)  # (restarts, lost, rejected) of pools already shut down
 
     @property
+    def episode_spec(self) -> EpisodeSpec:
+        """Where ``test`` and ``EvaluationCallback`` play whole episodes: this run's env on gymnasium."""
+        return EpisodeSpec(self.hparams.env_id, dict(self.env_options), self.hparams.eval_deterministic)
+
+    @property
     def env_seed(self) -> int:
         """The base env seed in use (``seed``, or the run's seed when ``seed`` is None)."""
         return self.hparams.seed if self.hparams.seed is not None else torch.initial_seed()
@@ -346,6 +362,9 @@ class ImpalaDataModule(L.LightningDataModule):
             return DataLoader([], batch_size=None)  # the checkpoint already reached the budget: no actor starts
         if self.actors is None:
             module = self.trainer.lightning_module
+            if not isinstance(module, ActorsLearner):
+                raise TypeError(f"ImpalaDataModule feeds a LightningModule with a network and a network_factory (see "
+                                f"data.ActorsLearner; ImpalaModule is one), got {type(module).__name__}")
             self.start_actors(module.network, module.network_factory, module.global_step, self.trainer.global_rank)
         # The actors are already parallel: num_workers=0 (worker copies would never get new
         # weights), batch_size=None and an identity collate (batches are ready-made TensorDicts).

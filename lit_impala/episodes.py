@@ -1,6 +1,7 @@
 """Whole episodes of a policy in a fresh env: their returns, lengths and, if asked, the first one's frames.
 
-Used by ``test`` (``ImpalaModule.test_step``) and by ``callbacks.EvaluationCallback``.
+Used by ``test`` (``ImpalaModule.test_step``) and by ``callbacks.EvaluationCallback``. What they need of a run is
+one ``EpisodeSpec``, which the data module provides (``ImpalaDataModule.episode_spec``): ``EpisodeSpec.of(trainer)``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,24 @@ import torch
 from torch import nn
 
 from lit_impala.envs.factory import make_gym_env
+
+
+class EpisodeSpec(NamedTuple):
+    """Where whole episodes are played and how the policy acts there: the env (always a gymnasium env, which
+    renders, whatever backend the actors step) and whether it acts greedily."""
+
+    env_id: str  # gymnasium id
+    env_options: dict | None = None  # make_gym_env's keyword options (ImpalaDataModule.env_options)
+    deterministic: bool = True  # act with the distribution's mode (greedy); False: sample (torch's global RNG)
+
+    @staticmethod
+    def of(trainer) -> EpisodeSpec:
+        """The run's spec, from its data module; ``ValueError`` naming what was found instead."""
+        spec = getattr(trainer.datamodule, "episode_spec", None)
+        if not isinstance(spec, EpisodeSpec):
+            raise ValueError("test and EvaluationCallback play episodes of the env the data module names in its "
+                             f"episode_spec (ImpalaDataModule has one); got the data module {trainer.datamodule!r}")
+        return spec
 
 
 class EvalResult(NamedTuple):
@@ -42,17 +61,15 @@ def _render(env, env_id: str) -> np.ndarray:
 @torch.no_grad()
 def run_episodes(
     network: nn.Module,
-    env_id: str,
-    env_options: dict,
+    spec: EpisodeSpec,
     num_episodes: int,
-    deterministic: bool = True,
     seed: int = 0,
     record_video: bool = False,
     max_video_frames: int = 1000,
 ) -> EvalResult:
     """Play ``num_episodes`` whole episodes (to termination or truncation) with ``network``'s policy.
 
-    One env ``make_gym_env(env_id, **env_options)`` is reset with ``seed`` before the first episode
+    One env ``make_gym_env(spec.env_id, **spec.env_options)`` is reset with ``seed`` before the first episode
     and without a seed afterwards, so the same seed gives the same sequence of start states. The
     network acts one observation at a time (``[T=1, B=1, *obs]``, as the actors do) on its own
     device, leaving its mode and weights untouched; an LSTM core state is carried across steps and
@@ -60,10 +77,8 @@ def run_episodes(
 
     Args:
         network: an ``ImpalaAgent`` (``forward``, ``distribution``, ``use_lstm``, ``initial_state``).
-        env_id: gymnasium id.
-        env_options: ``make_gym_env``'s keyword options (``ImpalaDataModule.env_options``).
+        spec: the env, its options, and greedy or sampled actions.
         num_episodes: episodes to play, >= 1.
-        deterministic: act with the distribution's mode (greedy); False: sample (from torch's global RNG).
         seed: the env's seed for the first reset.
         record_video: render the first episode: one frame after the reset and one after each step.
         max_video_frames: keep at most this many frames (the episode itself runs to its end).
@@ -83,7 +98,8 @@ def run_episodes(
     if record_video:
         # Off-screen frames need no display; without this, pygame's SDL complains on headless machines.
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    env = make_gym_env(env_id, render_mode="rgb_array" if record_video else None, **env_options)
+    env_id, deterministic = spec.env_id, spec.deterministic
+    env = make_gym_env(env_id, render_mode="rgb_array" if record_video else None, **(spec.env_options or {}))
     returns, lengths, frames = [], [], []
     try:
         for episode in range(num_episodes):

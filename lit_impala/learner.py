@@ -36,7 +36,7 @@ from lit_impala.core.losses import LossTerms, impala_loss, normalize_advantages
 from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
-from lit_impala.episodes import EvalResult, run_episodes
+from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
 from lit_impala.schedule import fit_to_budget, linear_schedule, linear_value
 from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
@@ -413,11 +413,8 @@ class ImpalaModule(L.LightningModule):
     # --- test: one whole episode per test batch, with the (checkpoint's) weights --------------------
 
     def test_step(self, episode_seed: int, batch_idx: int) -> EvalResult:
-        data = self.trainer.datamodule
-        return run_episodes(
-            copy.deepcopy(self.network).cpu().eval(), data.hparams.env_id, data.env_options, num_episodes=1,
-            deterministic=data.hparams.eval_deterministic, seed=int(episode_seed),
-        )
+        return run_episodes(copy.deepcopy(self.network).cpu().eval(), EpisodeSpec.of(self.trainer), num_episodes=1,
+                            seed=int(episode_seed))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")

@@ -11,12 +11,9 @@ class ActorWeightSync(L.Callback):
 
     The weights published are those of the plain network (never a DDP wrapper), tagged with the
     learner's update count, so each unroll records the version it was acted with. Every DDP rank
-    publishes to its own actors; nothing here is a collective.
+    publishes to its own actors; nothing here is a collective. The first weights need no publishing: the data
+    module starts the actors with the network's weights as they are after a checkpoint restore.
     """
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After a checkpoint restore: the actors must act with the restored weights.
-        trainer.datamodule.publish_weights(pl_module.network, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         sync_every = getattr(trainer.datamodule, "hparams", {}).get("sync_every", 1)

@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
 from lit_impala.config import PositiveInt, check_arguments
-from lit_impala.episodes import EvalResult, run_episodes
+from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
 from lit_impala.video import write_video
 
 VIDEO_KEY = "eval/video"
@@ -129,11 +129,7 @@ class EvaluationCallback(L.Callback):
     # --- hooks (main thread) ---
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if datamodule is None or not hasattr(datamodule, "env_options"):
-            raise ValueError(
-                f"EvaluationCallback needs an ImpalaDataModule (its env_id and env_options), got {datamodule!r}"
-            )
+        EpisodeSpec.of(trainer)  # at the start, not at the first evaluation: a data module without one is an error
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:
@@ -164,11 +160,9 @@ class EvaluationCallback(L.Callback):
     def _start(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int, background: bool) -> _Evaluation:
         """Snapshot the weights and evaluate them, in a daemon thread if ``background``."""
         network = copy.deepcopy(pl_module.network).cpu().eval().requires_grad_(False)  # private: training goes on
-        datamodule = trainer.datamodule
         video_path = run_directory(trainer) / "videos" / f"eval_step{step:07d}.mp4" if self.record_video else None
         evaluation = _Evaluation(step, video_path)
-        work = (evaluation, network, datamodule.hparams.env_id, dict(datamodule.env_options),
-                datamodule.hparams.eval_deterministic)
+        work = (evaluation, network, EpisodeSpec.of(trainer))
         self._last_started_step = step
         if background:
             evaluation.thread = threading.Thread(
@@ -179,13 +173,10 @@ class EvaluationCallback(L.Callback):
             self._evaluate(*work)
         return evaluation
 
-    def _evaluate(
-        self, evaluation: _Evaluation, network: nn.Module, env_id: str, env_options: dict, deterministic: bool
-    ) -> None:
+    def _evaluate(self, evaluation: _Evaluation, network: nn.Module, spec: EpisodeSpec) -> None:
         """Worker: play the episodes, write the video; results and errors go into ``evaluation``."""
         try:
-            result = run_episodes(network, env_id, env_options, self.num_episodes, deterministic, self.seed,
-                                  record_video=self.record_video)
+            result = run_episodes(network, spec, self.num_episodes, self.seed, record_video=self.record_video)
             if result.frames is not None:
                 write_video(result.frames, evaluation.video_path, self.video_fps)
             evaluation.result = result._replace(frames=None)  # hundreds of MB: not kept once encoded
@@ -239,7 +230,7 @@ class TestReport(L.Callback):
             "test/length_mean": statistics.fmean(self.lengths),
             "test/episodes": float(len(self.returns)),
         })
-        deterministic = trainer.datamodule.hparams.eval_deterministic
+        deterministic = EpisodeSpec.of(trainer).deterministic
         step = pl_module.checkpoint_step if pl_module.checkpoint_step is not None else trainer.global_step
         pl_module.print(
             f"Test: mean return {mean:.1f} +- {std:.1f} (std) over {len(self.returns)} episodes "
