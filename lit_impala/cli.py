@@ -36,6 +36,7 @@ from lit_impala.config import ConfigError, argument_defaults
 from lit_impala.data import ImpalaDataModule
 from lit_impala.envs.finite import NonFiniteEnvData
 from lit_impala.learner import ImpalaModule
+from lit_impala.schedule import budget_problem
 
 FULL_ERROR_ENV = "LIT_IMPALA_FULL_ERROR"  # "1": a configuration error shows its traceback (as HYDRA_FULL_ERROR)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -286,16 +287,8 @@ def prepare_wandb_loggers(trainer) -> None:
 
 def check_run_settings(trainer, model, datamodule) -> None:
     """Settings that only make sense together, checked before Lightning launches ranks or actors start."""
-    if model.hparams.lr_decay and (trainer.max_steps is None or trainer.max_steps < 1):
-        raise ConfigError(
-            f"model.lr_decay decays the learning rate to 0 over trainer.max_steps, which is {trainer.max_steps}: "
-            "set trainer.max_steps >= 1 or model.lr_decay false"
-        )
-    if model.hparams.get("ent_coef_final") is not None and (trainer.max_steps is None or trainer.max_steps < 1):
-        raise ConfigError(
-            f"model.ent_coef_final is reached at trainer.max_steps, which is {trainer.max_steps}: "
-            "set trainer.max_steps >= 1 or leave model.ent_coef_final unset"
-        )
+    if problem := budget_problem(trainer.max_steps, model.hparams.lr_decay, model.hparams.get("ent_coef_final")):
+        raise ConfigError(problem)
     if datamodule is not None and datamodule.hparams.actors == "remote" and trainer.world_size > 1:
         raise ConfigError(
             f"data.actors remote needs a single learner process, got {trainer.world_size} (trainer.devices x "

@@ -19,10 +19,9 @@ from tensordict import TensorDictBase
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from lit_impala.actors.admission import secret_from_environment
 from lit_impala.actors.local import LocalActors
 from lit_impala.actors.pool import ActorPool
-from lit_impala.actors.remote_launch import make_remote_collector
+from lit_impala.actors.remote_launch import check_launch_settings, make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
 from lit_impala.episodes import EpisodeSpec
@@ -248,13 +247,8 @@ class ImpalaDataModule(L.LightningDataModule):
                 raise ValueError(f"inference_device: {inference_device!r} is not a torch device ({error})") from None
             if inference == "actor":
                 raise ValueError("inference_device is for inference: server (actors always act on their CPU)")
-        if actors == "remote" and remote_launcher == "external":
-            if remote_tcp_port is None:
-                raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
-            if remote_bind_address is None:
-                raise ValueError("remote_launcher: external needs remote_bind_address, the address of this host the "
-                                 "actors connect to (127.0.0.1 when they run here, 0.0.0.0 for every interface)")
-            secret_from_environment()  # set and long enough, before anything starts
+        if actors == "remote":
+            check_launch_settings(remote_launcher, remote_tcp_port, remote_bind_address, secret=None)
         self.save_hyperparameters()
         # Checked here, before any actor process exists; the facts flow into the model via the CLI.
         self.env_options = {

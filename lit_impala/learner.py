@@ -28,6 +28,7 @@ from lit_impala.callbacks import (
     GracefulInterrupt,
     TestReport,
 )
+from lit_impala.callbacks.episode_stats import is_log_step
 from lit_impala.config import ClosedUnitInterval, NonNegativeFloat, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.core import vtrace
 from lit_impala.core.diagnostics import UpdateTensors, update_metrics
@@ -37,7 +38,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
-from lit_impala.schedule import fit_to_budget, linear_schedule, linear_value
+from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
 from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
 log = logging.getLogger(__name__)
@@ -305,12 +306,9 @@ class ImpalaModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # After the callbacks' on_train_batch_end: EpisodeStats has set should_stop if this update is the last.
-        if self._update is not None and (self.trainer.should_stop or self._is_log_step()):
+        if self._update is not None and is_log_step(self.trainer):
             self._log_update(self._update)
         self._update = None
-
-    def _is_log_step(self) -> bool:
-        return self.global_step % max(1, self.trainer.log_every_n_steps) == 0
 
     def _log_update(self, update: UpdateTensors) -> None:
         """The learning metrics of this update: losses, importance weights, policy lag, gradient norm."""
@@ -399,6 +397,8 @@ class ImpalaModule(L.LightningModule):
             )
         # trainer.max_steps, not estimated_stepping_batches: the latter would start the actors to
         # measure an endless dataloader. Linear to 0 over the run (the paper), or constant.
+        if problem := budget_problem(self.trainer.max_steps, hp.lr_decay, hp.ent_coef_final):
+            raise ValueError(problem)
         schedule = linear_schedule(optimizer, self.trainer.max_steps, hp.lr_decay)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step", "name": "train/lr"}}
 

@@ -14,11 +14,25 @@ import torch
 from torch.optim.lr_scheduler import LinearLR
 
 
+def budget_problem(max_steps: int | None, lr_decay: bool, ent_coef_final: float | None) -> str | None:
+    """The one statement of the rule that a schedule over ``trainer.max_steps`` needs ``max_steps >= 1``: what is
+    wrong with these settings, in one line naming them, or None. The CLI says it before anything starts
+    (``cli.check_run_settings``); ``ImpalaModule.configure_optimizers`` raises it for Python callers."""
+    if max_steps is not None and max_steps >= 1:
+        return None
+    if lr_decay:
+        return (f"model.lr_decay decays the learning rate to 0 over trainer.max_steps, which is {max_steps}: "
+                "set trainer.max_steps >= 1 or model.lr_decay false")
+    if ent_coef_final is not None:
+        return (f"model.ent_coef_final is reached at trainer.max_steps, which is {max_steps}: "
+                "set trainer.max_steps >= 1 or leave model.ent_coef_final unset")
+    return None
+
+
 def linear_schedule(optimizer: torch.optim.Optimizer, total_steps: int | None, decay: bool) -> LinearLR:
     """``LinearLR`` from the optimizer's learning rate to 0 over ``total_steps`` (``decay``), or constant.
-    A scheduler either way, so that Lightning's ``LearningRateMonitor`` logs the rate (as ``train/lr``)."""
-    if decay and (total_steps is None or total_steps < 1):
-        raise ValueError(f"lr_decay needs trainer.max_steps >= 1 to decay over, got {total_steps}")
+    A scheduler either way, so that Lightning's ``LearningRateMonitor`` logs the rate (as ``train/lr``).
+    ``total_steps`` as ``budget_problem`` allows."""
     return LinearLR(optimizer, start_factor=1.0, end_factor=0.0 if decay else 1.0,
                     total_iters=total_steps if decay else 1)
 
@@ -51,8 +65,6 @@ def fit_to_budget(schedule: LinearLR, step: int, total_steps: int | None, decay:
 
 def linear_value(start: float, end: float, step: int, total_steps: int | None) -> float:
     """The value at update ``step`` of a line from ``start`` (update 0) to ``end`` (update ``total_steps``), held at
-    ``end`` after it."""
-    if total_steps is None or total_steps < 1:
-        raise ValueError(f"a schedule needs trainer.max_steps >= 1 to run over, got {total_steps}")
+    ``end`` after it; ``total_steps`` as ``budget_problem`` allows."""
     progress = min(1.0, max(0.0, step / total_steps))
     return start + (end - start) * progress

@@ -44,6 +44,23 @@ def find_free_port(span: int = 1, attempts: int = 50) -> int:
     raise RuntimeError(f"found no {span} consecutive free TCP ports")
 
 
+def check_launch_settings(launcher: str, tcp_port: int | None, bind_address: str | None, secret: str | None) -> None:
+    """``ValueError`` naming what a launcher lacks: ``external`` nodes are told where to join by hand, so the learner
+    needs that port and address given, and the shared secret in ``LIT_IMPALA_REMOTE_SECRET``. Called by the data
+    module before anything starts, and by ``make_remote_collector`` for Python callers."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"remote_launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
+    if launcher != "external":
+        return
+    if tcp_port is None:
+        raise ValueError("remote_launcher: external needs remote_tcp_port (the port the actors connect to)")
+    if bind_address is None:
+        raise ValueError("remote_launcher: external needs remote_bind_address, the address of this host the "
+                         "actors connect to (127.0.0.1 when they run here, 0.0.0.0 for every interface)")
+    if secret is None:
+        secret_from_environment()  # set and long enough
+
+
 def make_remote_collector(
     env_id: str,
     network: nn.Module,
@@ -101,13 +118,8 @@ def make_remote_collector(
     The learner process becomes rank 0 of torch.distributed's *default* process group (torchrl's
     design), so it cannot also be a DDP rank: remote actors need a single-process learner.
     """
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {list(LAUNCHERS)}, got {launcher!r}")
-    if launcher == "external" and tcp_port is None:
-        raise ValueError('launcher="external" needs the tcp_port the nodes were told to join')
+    check_launch_settings(launcher, tcp_port, bind_address, secret)
     bind_address = bind_address or default_bind_address(launcher)
-    if bind_address is None:
-        raise ValueError('launcher="external" needs the bind_address the nodes were told to join')
     if secret is None:
         secret = secret_from_environment() if launcher == "external" else new_secret()
     for name, seconds in (("node_timeout_s", node_timeout_s), ("join_timeout_s", join_timeout_s)):

@@ -31,6 +31,12 @@ class Progress(NamedTuple):
     windows_full: bool  # every rank has ``return_window`` finished episodes
 
 
+def is_log_step(trainer: L.Trainer) -> bool:
+    """Whether this update's metrics are logged (Lightning's rule, ``trainer.log_every_n_steps``; the last update's
+    too, since ``EpisodeStats`` sets ``trainer.should_stop`` then): the learner and ``EpisodeStats`` log together."""
+    return trainer.should_stop or trainer.global_step % max(1, trainer.log_every_n_steps) == 0
+
+
 class EpisodeStats(L.Callback):
     """Frames, episode returns and lengths, frames/s, and the stop rule.
 
@@ -115,7 +121,7 @@ class EpisodeStats(L.Callback):
             # Lightning writes a step's metrics to the loggers every log_every_n_steps or when should_stop is
             # set: setting it here makes the last update's row reach the loggers (the run ends either way).
             trainer.should_stop = True
-        if trainer.should_stop or trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if is_log_step(trainer):
             self._log(trainer, pl_module, progress, now)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: Progress, now: float) -> None:

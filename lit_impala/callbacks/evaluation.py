@@ -31,13 +31,14 @@ from lit_impala.video import write_video
 VIDEO_KEY = "eval/video"
 
 
-def summarize(result: EvalResult) -> dict[str, float]:
-    """The scalars logged for one evaluation (population std: 0 for one episode)."""
+def summarize(returns: list[float], lengths: list[int], prefix: str) -> dict[str, float]:
+    """The scalars logged for whole episodes, ``eval/...`` during training, ``test/...`` by ``test`` (population
+    std: 0 for one episode)."""
     return {
-        "eval/return_mean": statistics.fmean(result.returns),
-        "eval/return_std": statistics.pstdev(result.returns),
-        "eval/length_mean": statistics.fmean(result.lengths),
-        "eval/episodes": float(len(result.returns)),
+        f"{prefix}/return_mean": statistics.fmean(returns),
+        f"{prefix}/return_std": statistics.pstdev(returns),
+        f"{prefix}/length_mean": statistics.fmean(lengths),
+        f"{prefix}/episodes": float(len(returns)),
     }
 
 
@@ -193,7 +194,7 @@ class EvaluationCallback(L.Callback):
         self._running = None
         if evaluation.error is not None:
             raise RuntimeError(f"evaluation at step {evaluation.step} failed: {evaluation.error}") from evaluation.error
-        metrics = summarize(evaluation.result)
+        metrics = summarize(evaluation.result.returns, evaluation.result.lengths, "eval")
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=evaluation.step)
             if evaluation.video_path is not None and isinstance(logger, WandbLogger):
@@ -201,13 +202,9 @@ class EvaluationCallback(L.Callback):
                 logger.log_video(VIDEO_KEY, videos=[str(evaluation.video_path)], step=evaluation.step,
                                  caption=[f"step {evaluation.step}"])
         self.last_result = evaluation.result
-        self.history.append({
-            "step": evaluation.step,
-            "return_mean": metrics["eval/return_mean"],
-            "return_std": metrics["eval/return_std"],
-            "length_mean": metrics["eval/length_mean"],
-            "video_path": evaluation.video_path,
-        })
+        self.history.append({"step": evaluation.step, **{name.removeprefix("eval/"): value for name, value in
+                                                         metrics.items() if name != "eval/episodes"},
+                             "video_path": evaluation.video_path})
 
 
 class TestReport(L.Callback):
@@ -223,13 +220,9 @@ class TestReport(L.Callback):
         self.lengths.extend(outputs.lengths)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        mean, std = statistics.fmean(self.returns), statistics.pstdev(self.returns)
-        pl_module.log_dict({
-            "test/return_mean": mean,
-            "test/return_std": std,
-            "test/length_mean": statistics.fmean(self.lengths),
-            "test/episodes": float(len(self.returns)),
-        })
+        metrics = summarize(self.returns, self.lengths, "test")
+        pl_module.log_dict(metrics)
+        mean, std = metrics["test/return_mean"], metrics["test/return_std"]
         deterministic = EpisodeSpec.of(trainer).deterministic
         step = pl_module.checkpoint_step if pl_module.checkpoint_step is not None else trainer.global_step
         pl_module.print(

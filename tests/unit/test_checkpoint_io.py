@@ -16,7 +16,7 @@ from lit_impala.checkpoint_io import (
     remove_partial_files,
     write_atomically,
 )
-from lit_impala.schedule import fit_to_budget, linear_schedule, linear_value
+from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
 
 
 def test_an_interrupted_write_leaves_the_previous_file_whole(tmp_path):
@@ -145,5 +145,8 @@ def test_the_entropy_schedule_is_a_line_from_its_start_to_its_end_held_after_it(
     assert linear_value(0.05, 0.01, 400, 400) == pytest.approx(0.01, abs=1e-15)
     assert linear_value(0.05, 0.01, 900, 400) == pytest.approx(0.01, abs=1e-15)  # an extended run, before resume
     assert linear_value(0.0, 0.02, 200, 400) == pytest.approx(0.01, abs=1e-15)  # it may rise as well
-    with pytest.raises(ValueError, match="max_steps >= 1"):
-        linear_value(0.05, 0.01, 0, -1)
+    assert budget_problem(-1, lr_decay=False, ent_coef_final=0.01).startswith(
+        "model.ent_coef_final is reached at trainer.max_steps, which is -1")
+    assert budget_problem(None, lr_decay=True, ent_coef_final=None).startswith("model.lr_decay decays")
+    assert budget_problem(None, lr_decay=False, ent_coef_final=None) is None  # nothing runs over a budget
+    assert budget_problem(1, lr_decay=True, ent_coef_final=0.0) is None

@@ -125,5 +125,10 @@ def test_every_documented_metric_is_a_name_the_code_logs():
     documented = documented_metrics()
     assert len(documented) >= 30 and "rho/ess" in documented and "episode/return" in documented
     in_code = string_constants(REPO / "lit_impala")
-    assert not documented - in_code, f"documented in the README but in no string of lit_impala/: " \
-                                     f"{sorted(documented - in_code)}"
+
+    def logged_somewhere(name: str) -> bool:  # "eval/return_mean", or f"{prefix}/return_mean" with prefix "eval"
+        prefix, _, rest = name.rpartition("/")
+        return name in in_code or (f"/{rest}" in in_code and prefix in in_code)
+
+    missing = sorted(name for name in documented if not logged_somewhere(name))
+    assert not missing, f"documented in the README but in no string of lit_impala/: {missing}"
