@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from lit_impala.actors.local import LocalActors
-from lit_impala.actors.pool import ActorPool
+from lit_impala.actors.pool import ActorPool, ActorSpec
 from lit_impala.actors.remote_launch import check_launch_settings, make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
@@ -320,17 +320,16 @@ class ImpalaDataModule(L.LightningDataModule):
         if self.actors is not None:
             return
         hp = self.hparams
-        common = dict(num_actors=hp.num_actors, envs_per_actor=hp.envs_per_actor, unroll_length=hp.unroll_length,
-                      version=version, seed=self.env_seed, rank=rank,
-                      env_options={**self.env_options, "backend": hp.env_backend, "nonfinite_data": hp.nonfinite_data})
+        spec = ActorSpec(hp.env_id, hp.num_actors, hp.envs_per_actor, hp.unroll_length, self.env_seed, rank,
+                         {**self.env_options, "backend": hp.env_backend, "nonfinite_data": hp.nonfinite_data})
         if hp.actors == "remote":
             self.actors = make_remote_collector(
-                hp.env_id, network, network_factory, **common, launcher=hp.remote_launcher, backend=hp.remote_backend,
+                spec, network, network_factory, version=version, launcher=hp.remote_launcher, backend=hp.remote_backend,
                 tcp_port=hp.remote_tcp_port, bind_address=hp.remote_bind_address, slurm_kwargs=hp.slurm_kwargs,
                 node_timeout_s=hp.remote_node_timeout_s, join_timeout_s=hp.remote_join_timeout_s,
             )
         else:
-            self.actors = LocalActors(hp.env_id, network, network_factory, **common, sync_actors=hp.sync_actors,
+            self.actors = LocalActors(spec, network, network_factory, version=version, sync_actors=hp.sync_actors,
                                       max_restarts=hp.max_actor_restarts, restart_window_s=hp.actor_restart_window_s,
                                       inference=hp.inference,
                                       inference_device=hp.inference_device)

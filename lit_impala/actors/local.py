@@ -28,7 +28,8 @@ from torchrl.weight_update import NoWeightSyncScheme
 from lit_impala.actors.inference import InferenceService, make_served_policy
 from lit_impala.actors.mailbox import WeightMailbox
 from lit_impala.actors.policy import make_acting_policy
-from lit_impala.envs.factory import actor_seeds, make_vector_env
+from lit_impala.actors.pool import ActorSpec
+from lit_impala.envs.factory import make_vector_env
 from lit_impala.envs.finite import NonFiniteEnvData, nonfinite_report
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,7 @@ def _stopping(report: str) -> str:
 
 
 class LocalActors:
-    """``num_actors`` actor processes (an ``actors.pool.ActorPool``).
+    """``spec.num_actors`` actor processes (an ``actors.pool.ActorPool``).
 
     When an actor process dies (killed, or its env raised), torchrl raises at once; all actors are then
     restarted with the newest published weights and version (the mailbox outlives them), up to
@@ -85,12 +86,10 @@ class LocalActors:
     ``NonFiniteEnvData`` is raised here at once.
 
     Args:
-        env_id: gymnasium id.
+        spec: the env, processes, envs per process, steps per rollout and seeds (``env_options`` go to
+            ``make_vector_env``: ``backend``, ``nonfinite_data``, ...).
         network: the learner's network: the actors start with its weights, tagged ``version``.
         network_factory: picklable callable building the same architecture (run in each actor).
-        num_actors, envs_per_actor, unroll_length: processes, envs per process, steps per rollout.
-        seed: base env seed; ``rank`` (DDP) and the actor index make each actor's seed distinct.
-        env_options: further ``make_vector_env`` options (``nonfinite_data``: see ``envs.finite``).
         sync_actors: all actors finish a round together (``MultiSyncCollector``), for debugging.
         max_restarts: restarts allowed within ``restart_window_s``.
         restart_window_s: the window restarts are counted over, in seconds (None: the whole run).
@@ -103,24 +102,18 @@ class LocalActors:
 
     def __init__(
         self,
-        env_id: str,
+        spec: ActorSpec,
         network: nn.Module,
         network_factory: Callable[[], nn.Module],
         *,
-        num_actors: int,
-        envs_per_actor: int,
-        unroll_length: int,
-        seed: int,
-        rank: int = 0,
         version: int = 0,
-        env_options: dict | None = None,
         sync_actors: bool = False,
         max_restarts: int = 3,
         restart_window_s: float | None = 3600.0,
         inference: str = "actor",
         inference_device: str | torch.device | None = None,
     ):
-        self.env_id = env_id
+        self.env_id = spec.env_id
         self.restarts = 0  # in this pool's life
         self.restart_budget = RestartBudget(max_restarts, restart_window_s)
         self._collector = None
@@ -128,7 +121,7 @@ class LocalActors:
         self.inference = None
         if inference == "server":
             # The served copy starts from `network` and changes only in publish_weights; kept for restarts.
-            self._served = dict(network=network, version=version, num_clients=num_actors,
+            self._served = dict(network=network, version=version, num_clients=spec.num_actors,
                                 device=torch.device(inference_device or next(network.parameters()).device))
             lstm_hidden_dim = network.core.hidden_size if network.use_lstm else 0
             self._policy_factories = lambda clients: [
@@ -141,14 +134,14 @@ class LocalActors:
             self._policy_factories = lambda _: partial(make_acting_policy, network_factory, self.mailbox)
         self._error_dir = tempfile.mkdtemp(prefix="lit_impala_actors_")
         env_fns = [
-            partial(make_vector_env, env_id, envs_per_actor, actor_seed, error_file=self._error_file(i),
-                    actor=i, **(env_options or {}))
-            for i, actor_seed in enumerate(actor_seeds(seed, num_actors, rank))
+            partial(make_vector_env, spec.env_id, spec.envs_per_actor, actor_seed, error_file=self._error_file(i),
+                    actor=i, **(spec.env_options or {}))
+            for i, actor_seed in enumerate(spec.actor_seeds())
         ]
         self._make_collector = partial(
             MultiSyncCollector if sync_actors else MultiAsyncCollector,
             env_fns,
-            frames_per_batch=envs_per_actor * unroll_length,
+            frames_per_batch=spec.frames_per_rollout,
             total_frames=-1,
             # Weights travel through our mailbox only; see actors/mailbox.py for why.
             weight_sync_schemes={"policy": NoWeightSyncScheme()},

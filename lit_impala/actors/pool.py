@@ -10,10 +10,34 @@ nodes, torchrl's distributed collector). Each deals with its own failures; what 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from tensordict import TensorDictBase
 from torch import nn
+
+from lit_impala.envs.factory import actor_seeds
+
+
+class ActorSpec(NamedTuple):
+    """What every actor back-end builds its actors from (``ImpalaDataModule.start_actors`` makes it): ``num_actors``
+    processes or nodes, each stepping ``envs_per_actor`` copies of the env and sending ``[envs_per_actor,
+    unroll_length]`` rollouts, every actor's envs seeded apart from ``seed`` and the DDP ``rank``."""
+
+    env_id: str
+    num_actors: int
+    envs_per_actor: int
+    unroll_length: int
+    seed: int = 0
+    rank: int = 0
+    env_options: dict | None = None  # envs.factory.make_vector_env's keyword options (backend, nonfinite_data, ...)
+
+    @property
+    def frames_per_rollout(self) -> int:
+        return self.envs_per_actor * self.unroll_length
+
+    def actor_seeds(self) -> list[int]:
+        """One env seed per actor, distinct across actors and DDP ranks."""
+        return actor_seeds(self.seed, self.num_actors, self.rank)
 
 
 @runtime_checkable

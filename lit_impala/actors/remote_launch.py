@@ -18,12 +18,12 @@ from torchrl.collectors import Collector
 
 from lit_impala.actors.admission import new_secret, secret_from_environment
 from lit_impala.actors.node import DEFAULT_JOIN_TIMEOUT_S, RemoteActingPolicy, make_remote_env
+from lit_impala.actors.pool import ActorSpec
 from lit_impala.actors.remote import RemoteActors
 from lit_impala.actors.remote_network import default_bind_address
 from lit_impala.actors.remote_roster import reap
 from lit_impala.actors.rollout_check import sample_sizes_of
 from lit_impala.actors.torchrl_distributed import LAUNCHERS, BoundDistributedCollector, node_host_for
-from lit_impala.envs.factory import actor_seeds
 
 
 def find_free_port(span: int = 1, attempts: int = 50) -> int:
@@ -62,17 +62,11 @@ def check_launch_settings(launcher: str, tcp_port: int | None, bind_address: str
 
 
 def make_remote_collector(
-    env_id: str,
+    spec: ActorSpec,
     network: nn.Module,
     network_factory: Callable[[], nn.Module],
     *,
-    num_actors: int,
-    envs_per_actor: int,
-    unroll_length: int,
     version: int = 0,
-    seed: int = 0,
-    rank: int = 0,
-    env_options: dict | None = None,
     launcher: str = "mp",
     backend: str = "gloo",
     tcp_port: int | None = None,
@@ -82,20 +76,16 @@ def make_remote_collector(
     node_timeout_s: float = 60.0,
     join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
 ) -> RemoteActors:
-    """Start ``num_actors`` actor nodes with torchrl's ``DistributedCollector``.
+    """Start ``spec.num_actors`` actor nodes with torchrl's ``DistributedCollector``.
 
     Args:
-        env_id: gymnasium id (as for ``ImpalaDataModule``).
+        spec: one node per actor (torch.distributed world size ``num_actors + 1``), each stepping
+            ``envs_per_actor`` envs with batched inference and sending ``[envs_per_actor, unroll_length]``
+            rollouts; one env seed per node (``spec.actor_seeds()``); ``env_options`` go to ``make_vector_env``.
         network: the learner's network: the nodes start with its weights, tagged ``version``.
         network_factory: picklable callable building the same architecture (the learner's CPU copy,
             pickled to the nodes: ``lit_impala`` must be importable there).
-        num_actors: actor nodes (torch.distributed world size ``num_actors + 1``), each stepping
-            ``envs_per_actor`` envs with batched inference; more actors on a host = more nodes.
-        envs_per_actor: envs stepped together on a node.
-        unroll_length: T: each rollout a node sends is ``[envs_per_actor, unroll_length]``.
         version: learner update count of ``network``'s weights.
-        seed, rank: one env seed per node, ``envs.actor_seeds(seed, num_actors, rank)``.
-        env_options: further ``make_vector_env`` options (``max_episode_steps``, ``observation_key``...).
         launcher: ``"mp"``: the nodes are processes on this machine (localhost; tests);
             ``"submitit"``: one SLURM job per node (``slurm_kwargs`` go to
             ``submitit.AutoExecutor.update_parameters``; needs ``pip install submitit``);
@@ -132,11 +122,9 @@ def make_remote_collector(
         )
     policy = RemoteActingPolicy(network_factory().to("cpu"))
     policy.load_learner_weights(network, version)
-    env_options = dict(env_options or {})
-    env_fns = [
-        partial(make_remote_env, env_id, envs_per_actor, s, env_options) for s in actor_seeds(seed, num_actors, rank)
-    ]
-    frames_per_batch = envs_per_actor * unroll_length
+    env_options = dict(spec.env_options or {})
+    env_fns = [partial(make_remote_env, spec.env_id, spec.envs_per_actor, s, env_options) for s in spec.actor_seeds()]
+    frames_per_batch = spec.frames_per_rollout
     # __new__ then __init__: if joining fails after nodes were launched, we still hold them.
     collector = BoundDistributedCollector.__new__(BoundDistributedCollector)
     try:

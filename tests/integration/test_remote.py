@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_impala.actors.admission import SECRET_ENV, new_secret
+from lit_impala.actors.pool import ActorSpec
 from lit_impala.actors.remote_launch import find_free_port, make_remote_collector
 from lit_impala.callbacks import EpisodeStats
 from lit_impala.core.networks import ActorCriticMLP
@@ -83,8 +84,7 @@ def test_remote_actors_feed_a_learner_and_leave_nothing_behind():
     start_weights = module.network_factory()
     start_weights.load_state_dict(module.network.state_dict())
     actors = make_remote_collector(
-        "CartPole-v1", module.network, module.network_factory,
-        num_actors=NUM_ACTORS, envs_per_actor=ENVS_PER_ACTOR, unroll_length=UNROLL_LENGTH, version=0, seed=0,
+        ActorSpec("CartPole-v1", NUM_ACTORS, ENVS_PER_ACTOR, UNROLL_LENGTH), module.network, module.network_factory,
     )
     nodes = [p for p in _actor_processes() if p.pid not in before]
     try:
@@ -154,9 +154,8 @@ def test_nodes_started_by_hand_join_an_external_learner(monkeypatch):
     try:
         network = ActorCriticMLP(4, 2)
         actors = make_remote_collector(
-            "CartPole-v1", network, partial(ActorCriticMLP, 4, 2), num_actors=NUM_ACTORS,
-            envs_per_actor=ENVS_PER_ACTOR, unroll_length=UNROLL_LENGTH, launcher="external", tcp_port=port,
-            bind_address=host, join_timeout_s=120,
+            ActorSpec("CartPole-v1", NUM_ACTORS, ENVS_PER_ACTOR, UNROLL_LENGTH), network, partial(ActorCriticMLP, 4, 2),
+            launcher="external", tcp_port=port, bind_address=host, join_timeout_s=120,
         )
         try:
             rollouts = iter(actors)
@@ -310,8 +309,8 @@ def test_a_frozen_remote_node_is_lost_after_the_silence_timeout():
     before = {p.pid for p in _actor_processes()}
     network = ActorCriticMLP(4, 2)
     actors = make_remote_collector(
-        "CartPole-v1", network, partial(ActorCriticMLP, 4, 2), num_actors=2, envs_per_actor=ENVS_PER_ACTOR,
-        unroll_length=UNROLL_LENGTH, node_timeout_s=3.0,
+        ActorSpec("CartPole-v1", 2, ENVS_PER_ACTOR, UNROLL_LENGTH), network, partial(ActorCriticMLP, 4, 2),
+        node_timeout_s=3.0,
     )
     pids = [job.pid for job in actors.collector.jobs]
     nodes = [p for p in _actor_processes() if p.pid not in before]
@@ -361,9 +360,9 @@ def test_a_dead_node_started_by_hand_is_dropped(monkeypatch):
     ]
     try:
         actors = make_remote_collector(
-            "CartPole-v1", ActorCriticMLP(4, 2), partial(ActorCriticMLP, 4, 2), num_actors=2,
-            envs_per_actor=ENVS_PER_ACTOR, unroll_length=UNROLL_LENGTH, launcher="external", tcp_port=port,
-            bind_address=host, join_timeout_s=120, node_timeout_s=3.0,
+            ActorSpec("CartPole-v1", 2, ENVS_PER_ACTOR, UNROLL_LENGTH), ActorCriticMLP(4, 2),
+            partial(ActorCriticMLP, 4, 2), launcher="external", tcp_port=port, bind_address=host, join_timeout_s=120,
+            node_timeout_s=3.0,
         )
         try:
             rollouts = iter(actors)

@@ -21,6 +21,7 @@ import pytest
 
 from lit_impala.actors import admission
 from lit_impala.actors.admission import MAGIC, SECRET_ENV, new_secret
+from lit_impala.actors.pool import ActorSpec
 from lit_impala.actors.remote_launch import find_free_port, make_remote_collector
 from lit_impala.core.networks import ActorCriticMLP
 from lit_impala.data import ImpalaDataModule
@@ -176,8 +177,7 @@ def test_corrupt_rollouts_are_dropped_counted_and_training_goes_on(monkeypatch, 
     monkeypatch.setattr("lit_impala.actors.remote_launch.make_remote_env", one_env_too_many_on_node_2)
     module = ImpalaModule(observation_shape=[4], action_space={"type": "discrete", "n": 2})
     actors = make_remote_collector(
-        "CartPole-v1", module.network, partial(corrupting_network, module.network_factory),
-        num_actors=2, envs_per_actor=4, unroll_length=10,
+        ActorSpec("CartPole-v1", 2, 4, 10), module.network, partial(corrupting_network, module.network_factory),
     )
     try:
         trainer = L.Trainer(max_steps=6, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -207,8 +207,8 @@ def test_an_external_node_that_never_starts_ends_the_wait_with_the_missing_rank(
     try:
         started = time.monotonic()
         with pytest.raises(TimeoutError, match=r"remote actor node 2 of 2 did not join within 8 s"):
-            make_remote_collector("CartPole-v1", ActorCriticMLP(4, 2), partial(ActorCriticMLP, 4, 2), num_actors=2,
-                                  envs_per_actor=4, unroll_length=10, launcher="external", tcp_port=port,
+            make_remote_collector(ActorSpec("CartPole-v1", 2, 4, 10), ActorCriticMLP(4, 2),
+                                  partial(ActorCriticMLP, 4, 2), launcher="external", tcp_port=port,
                                   bind_address="127.0.0.1", join_timeout_s=8)
         assert time.monotonic() - started < 20
         assert node.wait(timeout=30) != 0, "node 1 ended with an error once its learner was gone"
