@@ -24,7 +24,7 @@ from lit_impala.actors.pool import ActorPool, ActorSpec
 from lit_impala.actors.remote_launch import check_launch_settings, make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
-from lit_impala.episodes import EpisodeSpec
+from lit_impala.play import EpisodeSpec
 from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY
 
 

@@ -33,11 +33,11 @@ from lit_impala.config import ClosedUnitInterval, NonNegativeFloat, PositiveFloa
 from lit_impala.core import vtrace
 from lit_impala.core.diagnostics import UpdateTensors, update_metrics
 from lit_impala.core.distributions import make_distribution
+from lit_impala.core.episode_boundaries import bootstrap_steps, learning_terminations, vtrace_step_inputs
 from lit_impala.core.losses import LossTerms, impala_loss, normalize_advantages
 from lit_impala.core.networks import ImpalaAgent
-from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
 from lit_impala.envs.factory import action_space_from_spec
-from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
+from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
 from lit_impala.schema import Trajectory, is_replayed, to_time_major
 
@@ -225,7 +225,7 @@ class ImpalaModule(L.LightningModule):
 
         # 3. V-trace targets (no grad)
         terminated = learning_terminations(trajectory.terminated, trajectory.life_lost)
-        targets = bootstrap_targets(
+        targets = vtrace_step_inputs(
             trajectory.reward, terminated, trajectory.truncated, self._next_values(trajectory, output, terminated),
             hp.discount, hp.reward_scale, hp.reward_clip,
         )
@@ -296,7 +296,7 @@ class ImpalaModule(L.LightningModule):
 
     @torch.no_grad()
     def _next_values(self, trajectory: Trajectory, output, terminated: Tensor) -> Tensor:
-        """``[T, B]``: V(next_observation_t) where the targets bootstrap (``core.targets.bootstrap_steps``),
+        """``[T, B]``: V(next_observation_t) where the targets bootstrap (``core.episode_boundaries.bootstrap_steps``),
         continuing from the core state after step t; 0 elsewhere."""
         needed = bootstrap_steps(terminated, trajectory.truncated)
         core_state = None if output.core_states is None else tuple(s[needed] for s in output.core_states)
@@ -412,8 +412,8 @@ class ImpalaModule(L.LightningModule):
 
     # --- test: one whole episode per test batch, with the (checkpoint's) weights --------------------
 
-    def test_step(self, episode_seed: int, batch_idx: int) -> EvalResult:
-        return run_episodes(copy.deepcopy(self.network).cpu().eval(), EpisodeSpec.of(self.trainer), num_episodes=1,
+    def test_step(self, episode_seed: int, batch_idx: int) -> PlayedEpisodes:
+        return play_episodes(copy.deepcopy(self.network).cpu().eval(), EpisodeSpec.of(self.trainer), num_episodes=1,
                             seed=int(episode_seed))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

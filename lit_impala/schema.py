@@ -1,7 +1,7 @@
 """What travels from the actors to the learner: every TensorDict key, the keys a learner batch keeps,
 and the one place where collector TensorDicts ``[B, T]`` become a time-major ``Trajectory`` ``[T, B]``.
 
-The episode-boundary rules that turn a ``Trajectory`` into V-trace inputs are in ``core.targets``.
+The episode-boundary rules that turn a ``Trajectory`` into V-trace inputs are in ``core.episode_boundaries``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ progress display. ``ImpalaModule.configure_callbacks`` attaches the ones a run c
 from lit_impala.callbacks.actor_sync import ActorWeightSync
 from lit_impala.callbacks.episode_stats import EpisodeStats, Progress
 from lit_impala.callbacks.evaluation import EvaluationCallback, TestReport
-from lit_impala.callbacks.progress import ProgressBar
+from lit_impala.callbacks.progress_bar import ProgressBar
 from lit_impala.callbacks.run_control import (
     CheckpointDirectoryLock,
     CheckpointFormat,

@@ -1,6 +1,6 @@
 """Evaluation during training: whole episodes of the current policy in a fresh env, every N updates.
 
-``EvaluationCallback`` runs ``episodes.run_episodes`` (and ``video.write_video``) in a background thread
+``EvaluationCallback`` runs ``play.play_episodes`` (and ``video.write_video``) in a background thread
 on a CPU snapshot of the weights, so the learner never waits for an episode: torch releases the GIL
 inside its kernels and an env step is short, so the thread costs the learner little. Results are logged
 later from the main thread (the loggers are not thread-safe), at the step the evaluation was started at.
@@ -25,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
 from lit_impala.config import PositiveInt, check_arguments
-from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
+from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.video import write_video
 
 VIDEO_KEY = "eval/video"
@@ -74,7 +74,7 @@ class _Evaluation:
     step: int
     video_path: Path | None  # where the video will be written, if one is recorded
     thread: threading.Thread | None = None
-    result: EvalResult | None = None
+    result: PlayedEpisodes | None = None
     error: Exception | None = None
 
 
@@ -122,7 +122,7 @@ class EvaluationCallback(L.Callback):
         self.video_fps = video_fps
         self.seed = seed
         self.eval_at_end = eval_at_end
-        self.last_result: EvalResult | None = None  # frames dropped once written to the video
+        self.last_result: PlayedEpisodes | None = None  # frames dropped once written to the video
         self.history: list[dict] = []  # one {step, return_mean, return_std, length_mean, video_path} per evaluation
         self._running: _Evaluation | None = None
         self._last_started_step: int | None = None
@@ -177,7 +177,7 @@ class EvaluationCallback(L.Callback):
     def _evaluate(self, evaluation: _Evaluation, network: nn.Module, spec: EpisodeSpec) -> None:
         """Worker: play the episodes, write the video; results and errors go into ``evaluation``."""
         try:
-            result = run_episodes(network, spec, self.num_episodes, self.seed, record_video=self.record_video)
+            result = play_episodes(network, spec, self.num_episodes, self.seed, record_video=self.record_video)
             if result.frames is not None:
                 write_video(result.frames, evaluation.video_path, self.video_fps)
             evaluation.result = result._replace(frames=None)  # hundreds of MB: not kept once encoded
@@ -215,7 +215,7 @@ class TestReport(L.Callback):
         self.returns: list[float] = []
         self.lengths: list[int] = []
 
-    def on_test_batch_end(self, trainer, pl_module, outputs: EvalResult, batch, batch_idx, dataloader_idx=0) -> None:
+    def on_test_batch_end(self, trainer, pl_module, outputs: PlayedEpisodes, batch, batch_idx, dataloader_idx=0):
         self.returns.extend(outputs.returns)
         self.lengths.extend(outputs.lengths)
 

@@ -53,11 +53,11 @@ def test_life_lost_reaches_the_trajectory():
 
 def test_rewards_clipped_for_learning_while_the_logged_return_is_the_raw_score():
     """SpaceInvaders pays 5-30 points per alien: the learner sees +1, the logged return the score."""
-    from lit_impala.core.targets import bootstrap_targets
+    from lit_impala.core.episode_boundaries import vtrace_step_inputs
 
     trajectory = random_play("ALE/SpaceInvaders-v5", 1, 3000)
     assert trajectory.reward.max() > 1, "random SpaceInvaders scores more than 1 point at a time"
-    targets = bootstrap_targets(trajectory.reward, trajectory.terminated, trajectory.truncated,
+    targets = vtrace_step_inputs(trajectory.reward, trajectory.terminated, trajectory.truncated,
                                 torch.zeros_like(trajectory.reward), discount=0.99, reward_clip=1.0)
     not_truncated = ~trajectory.truncated
     assert targets.rewards[not_truncated].abs().max() <= 1.0

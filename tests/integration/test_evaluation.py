@@ -13,8 +13,8 @@ import torch
 
 from lit_impala.callbacks import EvaluationCallback
 from lit_impala.cli import cli_main
-from lit_impala.episodes import EpisodeSpec, EvalResult, run_episodes
 from lit_impala.learner import ImpalaModule
+from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.video import write_video
 from lit_impala.wandb_history import read_history
 from tests.conftest import REPO
@@ -36,44 +36,44 @@ def read_mp4(path):
         return reader.count_frames(), reader.get_meta_data()["size"]
 
 
-# --- run_episodes ---------------------------------------------------------------------------------------
+# --- play_episodes ---------------------------------------------------------------------------------------
 
 
 def test_cartpole_episodes_return_one_per_step_and_repeat_with_the_seed():
     network = agent()
-    result = run_episodes(network, CARTPOLE_EPISODES, num_episodes=3, seed=7)
-    assert isinstance(result, EvalResult) and result.frames is None
+    result = play_episodes(network, CARTPOLE_EPISODES, num_episodes=3, seed=7)
+    assert isinstance(result, PlayedEpisodes) and result.frames is None
     assert len(result.returns) == len(result.lengths) == 3
     assert all(isinstance(r, float) for r in result.returns) and all(isinstance(n, int) for n in result.lengths)
     assert result.returns == [float(n) for n in result.lengths]  # CartPole: reward 1 per step
     assert all(1 <= n <= 500 for n in result.lengths)
-    assert run_episodes(network, CARTPOLE_EPISODES, num_episodes=3, seed=7) == result  # greedy + same seed
+    assert play_episodes(network, CARTPOLE_EPISODES, num_episodes=3, seed=7) == result  # greedy + same seed
     assert network.training  # the caller's module is left as it was
 
 
 def test_env_options_reach_the_env():
     spec = EpisodeSpec("CartPole-v1", {"max_episode_steps": 5}, deterministic=False)
-    result = run_episodes(agent(), spec, num_episodes=2)
+    result = play_episodes(agent(), spec, num_episodes=2)
     assert all(n <= 5 for n in result.lengths)
 
 
 def test_video_is_one_frame_after_reset_and_one_per_step_capped():
     network = agent()
-    result = run_episodes(network, CARTPOLE_EPISODES, num_episodes=2, seed=3, record_video=True)
+    result = play_episodes(network, CARTPOLE_EPISODES, num_episodes=2, seed=3, record_video=True)
     assert result.frames.dtype == np.uint8
     assert result.frames.shape == (result.lengths[0] + 1, 400, 600, 3)  # first episode only
     assert result.frames.max() > 0
-    capped = run_episodes(network, CARTPOLE_EPISODES, num_episodes=1, seed=3, record_video=True, max_video_frames=4)
+    capped = play_episodes(network, CARTPOLE_EPISODES, num_episodes=1, seed=3, record_video=True, max_video_frames=4)
     assert capped.frames.shape[0] == 4 and capped.lengths[0] == result.lengths[0]  # the episode still runs to its end
 
 
 def test_lstm_agent_runs_episodes():
-    result = run_episodes(agent(use_lstm=True), CARTPOLE_EPISODES, num_episodes=2)
+    result = play_episodes(agent(use_lstm=True), CARTPOLE_EPISODES, num_episodes=2)
     assert len(result.returns) == 2 and result.returns == [float(n) for n in result.lengths]
 
 
 def test_pendulum_box_actions_run_a_whole_episode():
-    result = run_episodes(agent(**PENDULUM), EpisodeSpec("Pendulum-v1", deterministic=False), num_episodes=1)
+    result = play_episodes(agent(**PENDULUM), EpisodeSpec("Pendulum-v1", deterministic=False), num_episodes=1)
     assert result.lengths == [200]  # truncated by the time limit
     assert result.returns[0] < 0  # Pendulum's reward is a cost
 
@@ -113,7 +113,7 @@ def test_callback_names_a_bad_argument(kwargs, message):
 
 def test_bad_inputs_are_named(tmp_path):
     with pytest.raises(ValueError, match="num_episodes must be >= 1, got 0"):
-        run_episodes(agent(), CARTPOLE_EPISODES, num_episodes=0)
+        play_episodes(agent(), CARTPOLE_EPISODES, num_episodes=0)
     with pytest.raises(ValueError, match=r"got shape \(4, 4\)"):
         write_video(np.zeros((4, 4), dtype=np.uint8), tmp_path / "bad.mp4")
     with pytest.raises(ValueError, match="fps must be >= 1, got 0"):

@@ -19,7 +19,7 @@ LAYERS = [
      "lit_impala.checkpoint_io", "lit_impala.schedule"),
     ("lit_impala.schema",),
     ("lit_impala.envs",),
-    ("lit_impala.actors", "lit_impala.episodes", "lit_impala.remote"),
+    ("lit_impala.actors", "lit_impala.play", "lit_impala.remote"),
     ("lit_impala.data",),
     ("lit_impala.callbacks",),
     ("lit_impala.learner", "lit_impala.resume"),

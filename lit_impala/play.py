@@ -34,8 +34,8 @@ class EpisodeSpec(NamedTuple):
         return spec
 
 
-class EvalResult(NamedTuple):
-    """What ``run_episodes`` returns."""
+class PlayedEpisodes(NamedTuple):
+    """What ``play_episodes`` returns."""
 
     returns: list[float]  # raw (unscaled) env reward summed over each episode
     lengths: list[int]  # env steps of each episode
@@ -59,14 +59,14 @@ def _render(env, env_id: str) -> np.ndarray:
 
 
 @torch.no_grad()
-def run_episodes(
+def play_episodes(
     network: nn.Module,
     spec: EpisodeSpec,
     num_episodes: int,
     seed: int = 0,
     record_video: bool = False,
     max_video_frames: int = 1000,
-) -> EvalResult:
+) -> PlayedEpisodes:
     """Play ``num_episodes`` whole episodes (to termination or truncation) with ``network``'s policy.
 
     One env ``make_gym_env(spec.env_id, **spec.env_options)`` is reset with ``seed`` before the first episode
@@ -84,7 +84,7 @@ def run_episodes(
         max_video_frames: keep at most this many frames (the episode itself runs to its end).
 
     Returns:
-        ``EvalResult``; ``frames`` is uint8 ``[min(lengths[0] + 1, max_video_frames), H, W, 3]`` when
+        ``PlayedEpisodes``; ``frames`` is uint8 ``[min(lengths[0] + 1, max_video_frames), H, W, 3]`` when
         ``record_video``, else None.
     """
     if num_episodes < 1:
@@ -128,4 +128,4 @@ def run_episodes(
             lengths.append(length)
     finally:
         env.close()
-    return EvalResult(returns, lengths, _frames_to_array(frames) if frames else None)
+    return PlayedEpisodes(returns, lengths, _frames_to_array(frames) if frames else None)

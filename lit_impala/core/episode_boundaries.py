@@ -12,7 +12,7 @@
 * ``reward_clip`` clips rewards to ``[-c, c]`` for learning only (Atari: 1); logged returns stay raw.
 
 Pure tensor functions: the caller computes the values of the next observations that
-``bootstrap_steps`` asks for, and hands them to ``bootstrap_targets``.
+``bootstrap_steps`` asks for, and hands them to ``vtrace_step_inputs``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 
-class BootstrapTargets(NamedTuple):
+class VtraceStepInputs(NamedTuple):
     """V-trace's per-step inputs after applying the episode-boundary rules (all gradient-free)."""
 
     discounts: Tensor  # [T, B] gamma, or 0 where the episode ended at t
@@ -45,7 +45,7 @@ def bootstrap_steps(terminated: Tensor, truncated: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def bootstrap_targets(
+def vtrace_step_inputs(
     reward: Tensor,
     terminated: Tensor,
     truncated: Tensor,
@@ -53,7 +53,7 @@ def bootstrap_targets(
     discount: float,
     reward_scale: float = 1.0,
     reward_clip: float | None = None,
-) -> BootstrapTargets:
+) -> VtraceStepInputs:
     """Discounts, rewards and bootstrap value for V-trace.
 
     Args:
@@ -73,4 +73,4 @@ def bootstrap_targets(
         reward = reward.clamp(-reward_clip, reward_clip)
     rewards = reward_scale * reward + discount * torch.where(truncated_only, next_values, 0.0)
     discounts = discount * (~(terminated | truncated)).to(rewards.dtype)
-    return BootstrapTargets(discounts, rewards, next_values[-1])
+    return VtraceStepInputs(discounts, rewards, next_values[-1])

@@ -16,7 +16,7 @@ import torch
 from tensordict import TensorDict
 
 from lit_impala.core import vtrace
-from lit_impala.core.targets import bootstrap_steps, bootstrap_targets, learning_terminations
+from lit_impala.core.episode_boundaries import bootstrap_steps, learning_terminations, vtrace_step_inputs
 from lit_impala.schema import to_time_major
 
 GAMMA = 0.9
@@ -86,7 +86,7 @@ def targets_for(trajectory, discount, **options):
     needed = bootstrap_steps(terminated, trajectory.truncated)
     next_values = torch.full(needed.shape, float("nan"))
     next_values[needed] = value_of_next(trajectory)(needed).float()
-    return bootstrap_targets(trajectory.reward, terminated, trajectory.truncated, next_values, discount, **options)
+    return vtrace_step_inputs(trajectory.reward, terminated, trajectory.truncated, next_values, discount, **options)
 
 
 def test_boundaries_give_the_hand_computed_targets():
