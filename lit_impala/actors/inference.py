@@ -9,13 +9,10 @@ actor's policy is a ``ServedPolicy``: it sends ``observation [N, *obs]`` and ``i
 writes back what ``ActingPolicy`` writes. So unrolls are assembled exactly as with per-actor inference: fixed-length
 ``[N, T]`` unrolls per actor, torchrl's episode boundaries untouched.
 
-Why not torchrl's ``AsyncBatchedCollector`` (which pairs the same server with env workers): it yields a flat
-stream of single transitions from whichever env was ready (``env_index`` tagged), not ``[N, T]`` unrolls per
-env, with nothing that regroups them; an LSTM state must ride in the env through a ``TensorDictPrimer``; and
-its weight update through ``policy=`` shares the learner's module, so an optimizer step the learner has not
-published would reach the acting policy mid-unroll. Here the server owns a private copy that changes only in
-``publish`` (under the server's model lock, between two batches), and the version it acts with is written next
-to every action in the same locked forward.
+Not torchrl's ``AsyncBatchedCollector``: it yields single transitions, not ``[N, T]`` unrolls per env, and its
+``policy=`` shares the learner's module, so an unpublished optimizer step would reach the acting policy. Here the
+server owns a private copy that changes only in ``publish`` (under its lock, between two batches), and the version
+it acts with is written next to every action in the same locked forward.
 """
 
 from __future__ import annotations

@@ -3,9 +3,8 @@
 A ``WeightMailbox`` is one flat float32 vector plus a sequence counter and a version in shared
 memory. The learner *publishes* under a seqlock (odd sequence = write in progress); each actor
 copies a complete snapshot into its private weights at a step boundary and ignores torn or stale
-ones. Why not torchrl's ``MultiProcessWeightSyncScheme`` (torchrl 0.14): its workers act on the
-sender's shared tensors in place (a write the learner never published reaches the actors), and
-every update waits for each worker's receiver thread to win the GIL (~36 ms per update on 2 cores).
+ones. Not torchrl's ``MultiProcessWeightSyncScheme``: its workers act on the sender's shared tensors in
+place, so a change the learner never published would reach the actors, and each update waits on the workers.
 """
 
 from __future__ import annotations

@@ -82,14 +82,11 @@ class RemoteActors:
     structure differs from the receive buffer's) is dropped: ``faults/rollouts_rejected`` counts them, a warning
     (its first 3, then at most one every 10 s) names the node and the problem, and the node is asked for its next.
 
-    Why not torchrl's own iterator: in torchrl 0.14 ``DistributedCollector``'s async loop has no
-    liveness check. It spins forever once every node is dead, may block forever on a dead node's
-    receive (a stale ``done`` status from the node's previous round is read as a new one), and its
-    weight publish waits an hour for a dead node's acknowledgement and blocks in gloo's send to a
-    node that is frozen. This class speaks the same store protocol (``NODE_r_in``: ``continue``,
-    ``NODE_r_status``: ``done`` or ``rejected: why``, rollouts by gloo send/recv; weights:
-    ``update_weights`` then an ``updated`` acknowledgement) but never blocks on one node. torchrl's
-    internals it needs are behind ``actors.torchrl_distributed.BoundDistributedCollector``.
+    Not torchrl's own iterator: ``DistributedCollector``'s async loop checks no node's liveness, so a dead or
+    frozen node blocks it. This class speaks the same store protocol (``NODE_r_in``: ``continue``,
+    ``NODE_r_status``: ``done`` or ``rejected: why``, rollouts by gloo send/recv; weights: ``update_weights``
+    then an ``updated`` acknowledgement) but never blocks on one node. The torchrl internals it needs are behind
+    ``actors.torchrl_distributed.BoundDistributedCollector``.
     """
 
     def __init__(self, collector: BoundDistributedCollector, policy: RemoteActingPolicy,

@@ -5,11 +5,8 @@ on a CPU snapshot of the weights, so the learner never waits for an episode: tor
 inside its kernels and an env step is short, so the thread costs the learner little. Results are logged
 later from the main thread (the loggers are not thread-safe), at the step the evaluation was started at.
 
-Why not torchrl 0.14's ``Evaluator`` (thread backend, skip-when-busy): it collects through a torchrl
-``Collector`` that carries the env's state from one round to the next, so evaluations are not over the
-same seeded start states; its videos go through torchrl's loggers, not Lightning's (W&B, TensorBoard);
-and our agent (``core.networks.ImpalaAgent`` with its LSTM state) would need wrapping as a TensorDict
-policy. What it would replace here is the ~20 lines of thread scheduling below.
+Not torchrl's ``Evaluator``: its collector carries the env's state from one evaluation to the next (not the
+same seeded start states each time), and its videos go to torchrl's loggers, not Lightning's.
 """
 
 from __future__ import annotations

@@ -2,9 +2,8 @@
 checkpoint says about itself.
 
 ``CheckpointFormat`` writes ``checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": ...}``
-and refuses a checkpoint of a format this version cannot read, naming it. Formats: 1 (before
-lit_impala 0.2: progress counts under ``"impala"``, monitoring settings among the model's
-hyper-parameters; still read), 2 (progress counts in ``EpisodeStats``'s callback state).
+and refuses a checkpoint of a format this version cannot read, naming it. Format 2 keeps the progress counts in
+``EpisodeStats``'s callback state; format 1 (progress under ``"impala"``) is still read (``resume``).
 """
 
 from __future__ import annotations
