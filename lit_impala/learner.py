@@ -305,7 +305,7 @@ class ImpalaModule(L.LightningModule):
         return next_values
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After the callbacks' on_train_batch_end: EpisodeStats has set should_stop if this update is the last.
+        # EpisodeStats decided before the update whether it is the last (should_stop), which is_log_step reads.
         if self._update is not None and is_log_step(self.trainer):
             self._log_update(self._update)
         self._update = None

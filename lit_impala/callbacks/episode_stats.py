@@ -91,11 +91,30 @@ class EpisodeStats(L.Callback):
         # Lightning fetched this batch just before: the gap since the last update is data wait.
         if self._batch_end_time is not None:
             self._data_wait_s += time.perf_counter() - self._batch_end_time
+        # The batch's frames and episodes count, and whether this update is the last is decided, before the update:
+        # every hook after it (the learner's logging, checkpoints) sees the same should_stop, whatever their order.
+        self._count(batch)
+        progress = self.progress = self._across_ranks(trainer, pl_module.device)
+        update = trainer.global_step + 1  # the update this batch makes
+        target = self.stop_at_return
+        if target is not None and progress.windows_full and progress.mean_return >= target:
+            pl_module.print(
+                f"Reached a mean return of {progress.mean_return:.1f} over the last {progress.episodes} episodes "
+                f"(target {target}) after {int(progress.env_frames)} env frames and {update} updates: stopping."
+            )
+            trainer.should_stop = True
+        if trainer.max_steps is not None and 0 < trainer.max_steps <= update:
+            # Lightning writes a step's metrics to the loggers every log_every_n_steps or when should_stop is
+            # set: setting it now makes the last update's row reach the loggers (the run ends either way).
+            trainer.should_stop = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        # After the optimizer step (global_step counts this update): its frames and episodes count now.
         now = time.perf_counter()
         self._batch_end_time = now
+        if is_log_step(trainer):
+            self._log(trainer, pl_module, self.progress, now)
+
+    def _count(self, batch) -> None:
         # A repeat pass over the same frames (data.passes_per_batch) adds nothing; the first pass's minibatches
         # (data.minibatches_per_pass) each add their own unrolls.
         if not is_replayed(batch):
@@ -108,21 +127,6 @@ class EpisodeStats(L.Callback):
                 self.nonfinite_episodes += int((done & ~finite).sum())
                 self.episode_returns.extend(trajectory.episode_return[done & finite].tolist())
                 self.episode_lengths.extend(trajectory.episode_length[done & finite].tolist())
-        progress = self.progress = self._across_ranks(trainer, pl_module.device)
-        target = self.stop_at_return
-        if target is not None and progress.windows_full and progress.mean_return >= target:
-            pl_module.print(
-                f"Reached a mean return of {progress.mean_return:.1f} over the last {progress.episodes} episodes "
-                f"(target {target}) after {int(progress.env_frames)} env frames and {trainer.global_step} updates: "
-                "stopping."
-            )
-            trainer.should_stop = True
-        if trainer.max_steps is not None and 0 < trainer.max_steps <= trainer.global_step:
-            # Lightning writes a step's metrics to the loggers every log_every_n_steps or when should_stop is
-            # set: setting it here makes the last update's row reach the loggers (the run ends either way).
-            trainer.should_stop = True
-        if is_log_step(trainer):
-            self._log(trainer, pl_module, progress, now)
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule, progress: Progress, now: float) -> None:
         datamodule = trainer.datamodule
