@@ -132,3 +132,34 @@ def test_every_documented_metric_is_a_name_the_code_logs():
 
     missing = sorted(name for name in documented if not logged_somewhere(name))
     assert not missing, f"documented in the README but in no string of lit_impala/: {missing}"
+
+
+# --- the configuration reference ------------------------------------------------------------------------------
+
+
+def reference_rows(section: str) -> set[str]:
+    """Every backticked name in the first column of the table under ``section`` in docs/configuration.md."""
+    text = (REPO / "docs" / "configuration.md").read_text()
+    table = text.split(section, 1)[1].split("\n\n`", 1)[0].split("\n\n", 2)[1]
+    return {name for line in table.splitlines() if line.startswith("| `")
+            for name in re.findall(r"`([^`]+)`", line.split("|")[1])}
+
+
+@pytest.mark.parametrize(("section", "target"), [
+    ("`model:`", "lit_impala.learner.ImpalaModule"),
+    ("`data:`", "lit_impala.data.ImpalaDataModule"),
+    ("`episode_stats:`", "lit_impala.callbacks.EpisodeStats"),
+    ("`trainer.callbacks:` `lit_impala.callbacks.EvaluationCallback`", "lit_impala.callbacks.EvaluationCallback"),
+])
+def test_the_configuration_reference_lists_every_argument_and_no_other(section, target):
+    import importlib
+    import inspect
+
+    module_name, _, class_name = target.rpartition(".")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    arguments = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    if class_name == "ImpalaModule":
+        arguments -= {"observation_shape", "action_space"}  # linked from the env by the CLI, never written
+    documented = reference_rows(section)
+    assert arguments == documented, (f"docs/configuration.md {section}: missing {sorted(arguments - documented)}, "
+                                     f"not an argument {sorted(documented - arguments)}")
