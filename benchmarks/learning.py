@@ -271,10 +271,12 @@ def run_seed(name: str, task: Task, seed: int, frames: float, seed_dir: Path, fr
     if code != 0:
         tail = (seed_dir / "fit.log").read_text()[-2000:]
         raise RuntimeError(f"seed {seed} of {task.config} exited with {code}:\n{tail}")
-    frames_seen, returns, seconds = merge_logs([read_log(path) for path in csv_logs(seed_dir / "csv")])
+    parts = [read_log(path) for path in csv_logs(seed_dir / "csv")]
+    frames_seen, returns, seconds = merge_logs(parts)
     if not returns:
         raise RuntimeError(f"seed {seed} of {task.config} logged no episode return")
     curve = {"seed": seed, "env_frames": frames_seen, "return": returns, "train_seconds": seconds,
+             "resumed_at_frames": resume_points(parts),
              "process_seconds": wall}  # of the last fit process, when the run was resumed
     write_json(seed_dir / CURVE_FILE, {"command": command, "curve": curve})
     print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
@@ -348,6 +350,13 @@ def merge_logs(parts: list[list[tuple[float, float, float]]]) -> tuple[list[floa
     return [row[0] for row in merged], [row[1] for row in merged], [row[2] for row in merged]
 
 
+def resume_points(parts: list[list[tuple[float, float, float]]]) -> list[float]:
+    """The env frames of the first row each resumed fit process logged (every part after the first that logged
+    anything): where the curve goes on after a stop, drawn on the plot."""
+    starts = [part[0][0] for part in parts if part]
+    return starts[1:]
+
+
 def first_reaching(curve: dict, target: float) -> tuple[float, float] | None:
     """(env frames, wall seconds) of the first logged mean return >= target, or None."""
     for frames, value, seconds in zip(curve["env_frames"], curve["return"], curve["train_seconds"], strict=True):
@@ -377,6 +386,11 @@ def plot(name: str, task: Task, curves: list[dict], path: Path) -> None:
                                       (axes[1], "train_seconds", 1.0, "wall seconds of training")):
         grid, mean, low, high = band(curves, x_key)
         axis.plot(grid / scale, mean, color="C0", label=f"lit_impala, mean of {len(curves)} seeds")
+        if x_key == "env_frames":  # where a seed was stopped and resumed (--ckpt_path last): the curve goes on
+            resumed = sorted({f for c in curves for f in c.get("resumed_at_frames", [])})
+            for i, frames in enumerate(resumed):
+                axis.axvline(frames / scale, color="grey", linewidth=0.8, linestyle="--", alpha=0.6,
+                             label="a seed resumed" if i == 0 else None)
         axis.fill_between(grid / scale, low, high, color="C0", alpha=0.25, linewidth=0, label="min / max")
         if task.target is not None:
             axis.axhline(task.target, color="grey", linestyle=":", label=f"target {task.target:g}")

@@ -33,6 +33,8 @@ def test_a_resumed_run_is_one_curve_later_values_kept_seconds_going_on():
     assert frames == [100.0, 200.0, 300.0, 400.0]
     assert returns == [1.0, 2.0, 30.0, 40.0]
     assert seconds == [1.0, 2.0, 2.5, 3.5]
+    assert learning.resume_points([before, [], after]) == [300.0]  # drawn on the plot where the second process began
+    assert learning.resume_points([before]) == [] and learning.resume_points([[], before]) == []
     assert learning.merge_logs([[]]) == ([], [], [])
     nan_seconds = learning.merge_logs([[(1.0, 1.0, math.nan)]])[2]
     assert math.isnan(nan_seconds[0])
