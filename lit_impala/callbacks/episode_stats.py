@@ -71,6 +71,8 @@ class EpisodeStats(L.Callback):
         self._batch_end_time: float | None = None
         self._train_start: float | None = None  # when this process asked for its first batch
         self._data_wait_s = 0.0  # learner time spent waiting for the actors' next batch
+        self._restored = False  # counts came from a checkpoint
+        self._resumed_from: int | None = None  # the update a resumed run went on from, until it is logged once
 
     @staticmethod
     def of(trainer: L.Trainer) -> EpisodeStats | None:
@@ -86,6 +88,8 @@ class EpisodeStats(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._train_start = time.perf_counter()
+        if self._restored:
+            self._resumed_from = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Lightning fetched this batch just before: the gap since the last update is data wait.
@@ -139,6 +143,12 @@ class EpisodeStats(L.Callback):
         }
         if self._train_start is not None:
             metrics["progress/train_s"] = now - self._train_start
+        if self._resumed_from is not None:  # once per resume, to the loggers directly (a self.log value would
+            # stay in every later row): where the curve goes on after a stop
+            resumed = {"progress/resumed_from_update": float(self._resumed_from)}
+            for logger in pl_module.loggers:
+                logger.log_metrics(resumed, step=trainer.global_step)
+            self._resumed_from = None
         if self._clock is not None and now > self._clock[0]:
             then, frames, step, waited = self._clock
             metrics["progress/frames_per_second"] = (progress.env_frames - frames) / (now - then)
@@ -193,6 +203,7 @@ class EpisodeStats(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
+        self._restored = True
         self.env_frames = int(state_dict.get("env_frames", 0))
         self.episode_returns.extend(state_dict.get("episode_returns", []))
         self.episode_lengths.extend(state_dict.get("episode_lengths", []))

@@ -179,13 +179,18 @@ def test_sigterm_and_a_second_ctrl_c_stop_cleanly(tmp_path, signals, exit_code):
     assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], "processes left behind"
 
 
-def _logged_lr(csv_dir) -> dict[int, float]:
-    """``lr`` by step, as LearningRateMonitor logged it to the CSVLogger (the rate each update used)."""
+def _logged(csv_dir, name: str) -> dict[int, float]:
+    """``name`` by step, as the CSVLogger wrote it."""
     import csv
 
     (metrics,) = list(csv_dir.rglob("metrics.csv"))
     with open(metrics) as file:
-        return {int(row["step"]): float(row["train/lr"]) for row in csv.DictReader(file) if row.get("train/lr")}
+        return {int(row["step"]): float(row[name]) for row in csv.DictReader(file) if row.get(name)}
+
+
+def _logged_lr(csv_dir) -> dict[int, float]:
+    """``lr`` by step, as LearningRateMonitor logged it (the rate each update used)."""
+    return _logged(csv_dir, "train/lr")
 
 
 def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
@@ -212,6 +217,9 @@ def test_extending_a_run_decays_the_learning_rate_over_the_new_budget(tmp_path):
     assert said == ["Learning rate: the checkpoint's schedule decayed to 0 at update 40; this run's "
                     "(trainer.max_steps=80) decays to 0 at update 80, so it goes on at 0.001 from update 40, as in a "
                     "run given this budget from the start"], extended.stdout
+    # The resumed run's log says, once, where it went on from; the first run's never does.
+    assert _logged(tmp_path / "csv80", "progress/resumed_from_update") == {45: 40.0}  # at its first logged update
+    assert _logged(tmp_path / "csv40", "progress/resumed_from_update") == {}
     first, second = _logged_lr(tmp_path / "csv40"), _logged_lr(tmp_path / "csv80")
     assert max(first) == 39 and first[39] == pytest.approx(0.002 / 40)  # the first run decayed to ~0 by its end
     steps = sorted(second)
