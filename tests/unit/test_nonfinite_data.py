@@ -217,7 +217,7 @@ def test_nonfinite_returns_never_enter_the_window_and_the_stop_rule_still_fires(
     data["next", "terminated"][:, 1] = True  # three episodes end at the last step
     data["next", "episode_reward"][:, 1, 0] = torch.tensor([10.0, math.nan, 20.0])
     data["next", "step_count"][:, 1, 0] = 2
-    stats.on_train_batch_end(trainer, module, None, data, 0)
+    stats.on_train_batch_start(trainer, module, data, 0)  # where a batch's episodes count and the stop is decided
     assert list(stats.episode_returns) == [10.0, 20.0] and list(stats.episode_lengths) == [2, 2]
     assert stats.nonfinite_episodes == 1
     assert stats.progress.mean_return == 15.0 and trainer.should_stop
