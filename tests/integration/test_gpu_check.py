@@ -8,7 +8,7 @@ import pytest
 from tests.cli_runner import assert_all_gone, run_lit_impala
 
 
-@pytest.mark.slow  # ~60 s: a pytest run, V-trace timings, two short Pong fits and a 10-second Pong training
+@pytest.mark.slow  # ~45 s: a pytest run, V-trace timings, a short Pong fit and a 6-second Pong training
 def test_the_gpu_check_rehearsed_on_cpu_runs_every_step(tmp_path):
     out = tmp_path / "out"
     run = run_lit_impala(["run", "--dry-run", "--out", str(out)], tmp_path, timeout_s=400,
@@ -26,10 +26,10 @@ def test_the_gpu_check_rehearsed_on_cpu_runs_every_step(tmp_path):
     assert any("needs CUDA" in reason for reason in steps["cuda_tests"]["figures"]["skip_reasons"])
     assert {row["device"] for row in steps["vtrace"]["figures"]["rows"]} == {"cpu"}
     fit = steps["fit_pong"]["figures"]
-    assert fit["learner_device"] == "cpu" and fit["actor_frames_per_second"] > 0 and fit["server_frames_per_second"] > 0
+    assert fit["learner_device"] == "cpu" and fit["actor_frames_per_second"] > 0
     train = steps["train_pong"]["figures"]
     assert train["progress/env_frames"] > 0 and train["progress/frames_per_second"] > 0
-    assert train["progress/train_s"] >= 8
+    assert train["progress/train_s"] >= 4
     assert all((out / f"{name}.log").stat().st_size > 0 for name in steps)  # each step's output is kept
     assert_all_gone(run.descendants)
 
