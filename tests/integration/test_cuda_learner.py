@@ -19,7 +19,7 @@ from lit_impala.schema import to_time_major
 from tests.cli_runner import assert_all_gone, run_lit_impala
 from tests.conftest import REPO
 
-ACCELERATOR = "gpu"
+ACCELERATOR = "gpu"  # "cpu" runs the same checks here, to try a change to them without a GPU
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(ACCELERATOR == "gpu" and not torch.cuda.is_available(),
                                  reason="needs CUDA: the learner runs on the GPU")]
