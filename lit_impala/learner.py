@@ -39,7 +39,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
-from lit_impala.schema import Trajectory, is_replayed, to_time_major
+from lit_impala.schema import Trajectory, to_time_major
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,8 @@ class ImpalaModule(L.LightningModule):
         self.network = self.network_factory()
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
         self._consecutive_nonfinite = 0  # ... and in a row
-        self._update: UpdateTensors | None = None  # this update's, from training_step to on_train_batch_end
+        # Within one Lightning closure (training_step, backward, configure_gradient_clipping, then optimizer_step):
+        self._step_loss: Tensor | None = None  # this update's loss, for the guard against non-finite updates
         self._new_observations: Tensor | None = None  # this batch's [T, B, *obs], for the normaliser ...
         self._new_value_targets: Tensor | None = None  # ... and its V-trace targets [T, B], for the value's ...
         self._update_applied = False  # ... once the guard let the update through
@@ -208,22 +209,32 @@ class ImpalaModule(L.LightningModule):
             callbacks.append(LearningRateMonitor(logging_interval="step"))  # logs `train/lr` (the scheduler's name)
         return callbacks
 
+    # --- the batch: time-major once, on the learner's device -------------------------------------------
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, TensorDictBase):
+            return batch.to(device, non_blocking=True)  # Lightning's default moves a TensorDict blocking
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        # A training batch [B, T] becomes the time-major Trajectory [T, B] here, before any batch hook: EpisodeStats
+        # (on_train_batch_start) and training_step read the same one. A test batch is an episode seed.
+        return to_time_major(batch) if isinstance(batch, TensorDictBase) else batch
+
     # --- learning ---------------------------------------------------------------------------------
 
-    def training_step(self, batch: TensorDictBase, batch_idx: int) -> Tensor:
+    def training_step(self, trajectory: Trajectory, batch_idx: int) -> dict:
+        """One V-trace update on a time-major batch ``[T, B]``: the loss, and as ``"update"`` its diagnostics
+        (``UpdateTensors``), which ``on_train_batch_end`` logs."""
         hp = self.hparams
-        # 1. time-major trajectory [T, B]
-        trajectory = to_time_major(batch.to(self.device, non_blocking=True))
-        T, B = trajectory.reward.shape
-
-        # 2. learner forward: from the core state the actors started the unroll with, resetting
+        # 1. learner forward: from the core state the actors started the unroll with, resetting
         #    it at the same episode starts they did
         output = self.network(trajectory.observation, trajectory.initial_core_state, trajectory.is_init)
         distribution = self.network.distribution
         target_log_prob = distribution.log_prob(output.policy_params, trajectory.action)  # [T, B]
         entropy = distribution.entropy(output.policy_params)  # [T, B]
 
-        # 3. V-trace targets (no grad)
+        # 2. V-trace targets (no grad)
         terminated = learning_terminations(trajectory.terminated, trajectory.life_lost)
         targets = vtrace_step_inputs(
             trajectory.reward, terminated, trajectory.truncated, self._next_values(trajectory, output, terminated),
@@ -239,7 +250,7 @@ class ImpalaModule(L.LightningModule):
             pg_target=hp.pg_target,
         )
 
-        # 4. loss terms, with the advantages and values in the units the options ask for
+        # 3. loss terms, with the advantages and values in the units the options ask for
         pg_advantages = vtrace_returns.pg_advantages
         if self.network.value_normalizer is not None:
             # PopArt's policy gradient is in the same units as its value loss: scale-free as well.
@@ -254,21 +265,22 @@ class ImpalaModule(L.LightningModule):
             behaviour_values=behaviour_values, value_clip=hp.value_clip,
         )
 
-        # 5. statistics (logged in on_train_batch_end, once it is known whether this update is the last)
-        if not is_replayed(batch):
+        # 4. what is logged (on_train_batch_end) and what the statistics learn from
+        if not trajectory.replayed:
             # Merged in optimizer_step if this update is applied: once per batch, after its loss.
             if self.network.normalizer is not None:
                 self._new_observations = trajectory.observation
             if self.network.value_normalizer is not None:
                 self._new_value_targets = vtrace_returns.vs
-        self._update = UpdateTensors(
+        self._step_loss = terms.total.detach()
+        update = UpdateTensors(
             log_rhos=log_rhos,
             policy_lag=(self.global_step - trajectory.policy_version).float(),
             terms=LossTerms(*(term.detach() for term in terms)),
             entropy=entropy.detach(),
             baseline=output.baseline.detach(),
         )
-        return terms.total
+        return {"loss": terms.total, "update": update}
 
     def entropy_coefficient(self) -> float:
         """The entropy bonus's weight at this update: ``ent_coef``, or on the line to ``ent_coef_final`` at
@@ -306,9 +318,9 @@ class ImpalaModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # EpisodeStats decided before the update whether it is the last (should_stop), which is_log_step reads.
-        if self._update is not None and is_log_step(self.trainer):
-            self._log_update(self._update)
-        self._update = None
+        update = outputs.get("update") if isinstance(outputs, dict) else None
+        if update is not None and is_log_step(self.trainer):
+            self._log_update(update)
 
     def _log_update(self, update: UpdateTensors) -> None:
         """The learning metrics of this update: losses, importance weights, policy lag, gradient norm."""
@@ -352,7 +364,8 @@ class ImpalaModule(L.LightningModule):
         # After backward, before the optimizer step: the one place to refuse an update.
         parameters = [p for p in self.network.parameters() if p.grad is not None]
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in parameters])
-        loss_is_finite = self._update is None or bool(torch.isfinite(self._update.terms.total))
+        loss, self._step_loss = self._step_loss, None
+        loss_is_finite = loss is None or bool(torch.isfinite(loss))
         if not (loss_is_finite and torch.isfinite(grad_norm)):
             self._skip_nonfinite_update(grad_norm, loss_is_finite)
             return

@@ -68,6 +68,7 @@ class Trajectory(NamedTuple):
     initial_core_state: tuple[Tensor, Tensor] | None  # ([B, H], [B, H]) the actor's state entering t=0
     life_lost: Tensor | None = None  # [T, B] bool, a life was lost at t: terminal for learning only
     behaviour_value: Tensor | None = None  # [T, B] V(x_t) under the weights that acted; None where not recorded
+    replayed: bool = False  # a second or later pass over these frames (data.passes_per_batch): counted once
 
     @property
     def done(self) -> Tensor:
@@ -109,4 +110,5 @@ def to_time_major(batch: TensorDictBase) -> Trajectory:
         if ("next", LIFE_LOST_KEY) in batch.keys(True)
         else None,
         behaviour_value=get(BEHAVIOUR_VALUE_KEY) if BEHAVIOUR_VALUE_KEY in batch.keys() else None,
+        replayed=is_replayed(batch),
     )

@@ -18,7 +18,7 @@ import torch
 
 from lit_impala.callbacks.histograms import log_histograms
 from lit_impala.config import PositiveInt, check_arguments
-from lit_impala.schema import is_replayed, to_time_major
+from lit_impala.schema import Trajectory
 
 
 class Progress(NamedTuple):
@@ -91,7 +91,7 @@ class EpisodeStats(L.Callback):
         if self._restored:
             self._resumed_from = trainer.global_step
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch: Trajectory, batch_idx) -> None:
         # Lightning fetched this batch just before: the gap since the last update is data wait.
         if self._batch_end_time is not None:
             self._data_wait_s += time.perf_counter() - self._batch_end_time
@@ -118,11 +118,10 @@ class EpisodeStats(L.Callback):
         if is_log_step(trainer):
             self._log(trainer, pl_module, self.progress, now)
 
-    def _count(self, batch) -> None:
-        # A repeat pass over the same frames (data.passes_per_batch) adds nothing; the first pass's minibatches
-        # (data.minibatches_per_pass) each add their own unrolls.
-        if not is_replayed(batch):
-            trajectory = to_time_major(batch)
+    def _count(self, trajectory: Trajectory) -> None:
+        # The learner made the batch time-major (ImpalaModule.on_after_batch_transfer). A repeat pass over the same
+        # frames (data.passes_per_batch) adds nothing; the first pass's minibatches each add their own unrolls.
+        if not trajectory.replayed:
             self.env_frames += trajectory.reward.numel()
             done = trajectory.done
             if done.any():

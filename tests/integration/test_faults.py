@@ -65,8 +65,10 @@ class SometimesNonFinite(ImpalaModule):
         self.every = every
 
     def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if (self.global_step + 1) % self.every == 0 else loss
+        output = super().training_step(batch, batch_idx)
+        if (self.global_step + 1) % self.every == 0:
+            output["loss"] = output["loss"] * float("nan")
+        return output
 
 
 def test_a_few_nonfinite_updates_are_skipped_and_counted(tmp_path):

@@ -14,7 +14,7 @@ from lit_impala.callbacks import EpisodeStats
 from lit_impala.envs.factory import make_vector_env
 from lit_impala.envs.finite import FiniteCheck, NonFiniteEnvData, nonfinite_report
 from lit_impala.learner import ImpalaModule
-from lit_impala.schema import NONFINITE_KEY, REPLAYED_KEY
+from lit_impala.schema import NONFINITE_KEY, REPLAYED_KEY, to_time_major
 from tests.faulty_envs import NONFINITE_AT_STEP
 
 NAN_OBSERVATION = "tests.faulty_envs:NaNObservationPendulum-v0"
@@ -161,7 +161,7 @@ def learner_update(model: ImpalaModule, data: TensorDict, poison_gradient: bool 
     optimizer = torch.optim.RMSprop(model.network.parameters(), lr=1e-3)
 
     def closure():
-        loss = model.training_step(data, 0)
+        loss = model.training_step(model.on_after_batch_transfer(data, 0), 0)["loss"]
         optimizer.zero_grad()
         loss.backward()
         if poison_gradient:
@@ -217,7 +217,8 @@ def test_nonfinite_returns_never_enter_the_window_and_the_stop_rule_still_fires(
     data["next", "terminated"][:, 1] = True  # three episodes end at the last step
     data["next", "episode_reward"][:, 1, 0] = torch.tensor([10.0, math.nan, 20.0])
     data["next", "step_count"][:, 1, 0] = 2
-    stats.on_train_batch_start(trainer, module, data, 0)  # where a batch's episodes count and the stop is decided
+    # where a batch's episodes count and the stop is decided; the learner made the batch time-major
+    stats.on_train_batch_start(trainer, module, to_time_major(data), 0)
     assert list(stats.episode_returns) == [10.0, 20.0] and list(stats.episode_lengths) == [2, 2]
     assert stats.nonfinite_episodes == 1
     assert stats.progress.mean_return == 15.0 and trainer.should_stop
