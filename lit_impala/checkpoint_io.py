@@ -8,7 +8,7 @@ complete file or the new complete one. Lightning's own atomic save stages the fi
 when ``$TMPDIR`` is another filesystem than the checkpoint directory (a tmpfs ``/tmp``, a network ``runs/``: the
 usual cluster layout) that move is a copy over the target, without ``fsync``, and a kill during it tears the file.
 A temporary file left by a kill is named ``.<target>.<random>.partial`` and removed when the next run takes
-the directory (``callbacks.run_control.CheckpointDirectoryLock``); ``*.ckpt`` globs never match it.
+the directory (``callbacks.checkpoints.CheckpointDirectoryLock``); ``*.ckpt`` globs never match it.
 
 Reading: ``torch.load(weights_only=True)``: tensors and plain Python data (dicts, lists, numbers, strings), which
 is all our checkpoints hold; anything else in the file (a pickled object, which could run code as it is

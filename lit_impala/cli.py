@@ -28,9 +28,8 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import CheckpointIO
 
-from lit_impala import interrupts, resume
-from lit_impala.callbacks import EpisodeStats, GracefulInterrupt
-from lit_impala.callbacks.run_control import wandb_run_id
+from lit_impala import checkpoints, interrupts
+from lit_impala.callbacks import EpisodeStats
 from lit_impala.checkpoint_io import CheckpointFiles
 from lit_impala.config import ConfigError, argument_defaults
 from lit_impala.data import ImpalaDataModule
@@ -54,7 +53,7 @@ TRAINER_DEFAULTS = {
 
 
 class ImpalaCLI(LightningCLI):
-    resume_point: resume.ResumePoint | None = None  # the checkpoint this command starts from, read once
+    resume_point: checkpoints.ResumePoint | None = None  # the checkpoint this command starts from, read once
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
@@ -71,7 +70,7 @@ class ImpalaCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint's model hyper-parameters here, while parsing. We read the checkpoint
         # once, for all that needs it (these hyper-parameters, the W&B run, the fit check, Lightning's restore):
-        # `last` or a directory as the newest intact checkpoint, safely (lit_impala.resume). A private Lightning
+        # `last` or a directory as the newest intact checkpoint, safely (lit_impala.checkpoints). A private Lightning
         # method, with no public hook at this point: tests/unit/test_lightning_internals.py fails if it moves.
         subcommand = self.config.get("subcommand")
         if not subcommand:
@@ -79,17 +78,17 @@ class ImpalaCLI(LightningCLI):
         config = self.config[subcommand]
         trainer = config.get("trainer") or {}
         try:
-            self.resume_point = resume.find_resume_point(
+            self.resume_point = checkpoints.find_resume_point(
                 config.get("ckpt_path"), checkpoint_dirs(trainer.get("callbacks")), config.get("trust_checkpoint"))
         except ValueError as error:
             raise ConfigError(str(error)) from error
         if self.resume_point is not None:
-            hparams = resume.model_hparams(self.resume_point.checkpoint, argument_defaults(ImpalaModule))
+            hparams = checkpoints.model_hparams(self.resume_point.checkpoint, argument_defaults(ImpalaModule))
             given = config.get("model") or {}
             replaced = [f"model.{key}={given[key]!r} (the checkpoint's: {value!r})" for key, value in hparams.items()
                         if key in given and given[key] != value and key not in ("observation_shape", "action_space")]
             if replaced:  # LightningCLI's rule; said, so that a changed learning rate does not vanish silently
-                resume.say("The checkpoint's model hyper-parameters apply; not used from this command's config: "
+                checkpoints.say("The checkpoint's model hyper-parameters apply; not used from this command's config: "
                            + ", ".join(replaced))
             if hparams:
                 self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
@@ -104,7 +103,7 @@ class ImpalaCLI(LightningCLI):
         if trainer.get("enable_progress_bar") is False and trainer.get("callbacks"):
             trainer.callbacks = [c for c in trainer.callbacks if not _is_class(c, ProgressBar)]
         # A resumed run continues the W&B run that wrote its checkpoint: WandbLogger(id=...).
-        run_id = wandb_run_id(self.resume_point.checkpoint) if self.resume_point else None
+        run_id = checkpoints.wandb_run_id(self.resume_point.checkpoint) if self.resume_point else None
         for logger in _logger_configs(trainer.get("logger")):
             if run_id and _is_class(logger, WandbLogger) and logger.init_args.get("id") is None:
                 logger.init_args.id = run_id
@@ -141,28 +140,27 @@ class ImpalaCLI(LightningCLI):
         point = self.resume_point
         if point is not None:
             try:
-                resume.check_fits(point, self.model)
+                checkpoints.check_fits(point, self.model)
             except ValueError as error:
                 raise ConfigError(str(error)) from error
             if isinstance(self.trainer.strategy.checkpoint_io, CheckpointFiles):
                 self.trainer.strategy.checkpoint_io.hand_over(point.path, point.checkpoint)
             if self.subcommand == "fit":  # `test` reports the checkpoint's update itself (TestReport)
-                resume.say(f"Resuming from {point.describe()}")
+                checkpoints.say(f"Resuming from {point.describe()}")
                 step, max_steps = point.checkpoint.get("global_step", 0), self.trainer.max_steps
                 if max_steps is not None and 0 <= max_steps <= step:
-                    resume.say(f"The checkpoint is at update {step} and trainer.max_steps is {max_steps}: nothing "
+                    checkpoints.say(f"The checkpoint is at update {step} and trainer.max_steps is {max_steps}: nothing "
                                "left to train (a larger --trainer.max_steps extends the run)")
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
-        if ckpt_path not in resume.LIGHTNING_RESOLVES:
+        if ckpt_path not in checkpoints.LIGHTNING_RESOLVES:
             self.config_init[self.subcommand]["ckpt_path"] = None if point is None else str(point.path)
 
     def after_fit(self) -> None:
         trainer = self.trainer
         if trainer.is_global_zero:  # nothing in here is a collective: the other ranks are not waiting
             print("\n".join(fit_summary(trainer)), flush=True)
-        interrupt = next((cb.interrupted_by for cb in trainer.callbacks if isinstance(cb, GracefulInterrupt)), None)
-        if interrupt is not None:
-            raise SystemExit(128 + interrupt.value)  # the shell convention for "ended by a signal"
+        if (code := interrupts.exit_code()) is not None:  # stopped by Ctrl-C or SIGTERM (lit_impala.interrupts)
+            raise SystemExit(code)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, **cli_options) -> ImpalaCLI:
@@ -183,11 +181,9 @@ def cli_main(args: list[str] | None = None, run: bool = True, **cli_options) -> 
 
 
 def main(args: list[str] | None = None) -> None:
-    """``python -m lit_impala`` / ``lit-impala``: a configuration error is one line and exit code 2."""
+    """The command (``python -m lit_impala`` / ``lit-impala``, which shield Ctrl-C first: ``lit_impala.__main__``):
+    a configuration error is one line and exit code 2."""
     quiet_third_party_start_up()
-    if interrupts.is_fit(sys.argv[1:] if args is None else args):
-        # `python -m lit_impala` did this already, before its imports started threads; a no-op then.
-        interrupts.shield_child_processes()
     try:
         cli_main(args)
     except (argparse.ArgumentError, ConfigError) as error:

@@ -206,8 +206,3 @@ class EpisodeStats(L.Callback):
         self.env_frames = int(state_dict.get("env_frames", 0))
         self.episode_returns.extend(state_dict.get("episode_returns", []))
         self.episode_lengths.extend(state_dict.get("episode_lengths", []))
-
-    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
-        # Checkpoints of format 1 (before callbacks saved state) kept these counts under "impala".
-        if self.state_key not in checkpoint.get("callbacks", {}) and "impala" in checkpoint:
-            self.load_state_dict(checkpoint["impala"])

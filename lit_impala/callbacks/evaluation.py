@@ -21,6 +21,7 @@ import lightning as L
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch import nn
 
+from lit_impala import interrupts
 from lit_impala.config import PositiveInt, check_arguments
 from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.video import write_video
@@ -60,8 +61,8 @@ def run_directory(trainer: L.Trainer) -> Path:
 
 
 def _interrupted(trainer: L.Trainer) -> bool:
-    """Training ended on Ctrl-C / SIGTERM (``callbacks.GracefulInterrupt``)."""
-    return any(getattr(callback, "interrupted_by", None) is not None for callback in trainer.callbacks)
+    """Training ended on Ctrl-C / SIGTERM (``lit_impala.interrupts``)."""
+    return interrupts.received() is not None
 
 
 @dataclass

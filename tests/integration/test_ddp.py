@@ -30,7 +30,7 @@ class RankReport(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.first_observations is None:
-            self.first_observations = batch["observation"].numpy().tobytes()
+            self.first_observations = batch.observation.numpy().tobytes()  # the time-major Trajectory
 
     def on_train_end(self, trainer, pl_module):
         weights = b"".join(p.detach().cpu().numpy().tobytes() for p in pl_module.network.parameters())

@@ -44,7 +44,7 @@ class ResumeProbe(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if self.first_batch_min_version is None:
-            self.first_batch_min_version = int(batch["policy_version"].min())
+            self.first_batch_min_version = int(batch.policy_version.min())  # a time-major Trajectory
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step >= self.start["global_step"] + self.steps:

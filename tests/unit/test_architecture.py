@@ -16,13 +16,13 @@ PACKAGE = REPO / "lit_impala"
 # Lowest first. A module's layer is that of the longest prefix listed here.
 LAYERS = [
     ("lit_impala.core", "lit_impala.config", "lit_impala.interrupts", "lit_impala.video", "lit_impala.wandb_history",
-     "lit_impala.checkpoint_io", "lit_impala.schedule"),
+     "lit_impala.checkpoint_io", "lit_impala.checkpoints", "lit_impala.schedule"),
     ("lit_impala.schema",),
     ("lit_impala.envs",),
     ("lit_impala.actors", "lit_impala.play", "lit_impala.remote"),
     ("lit_impala.data",),
     ("lit_impala.callbacks",),
-    ("lit_impala.learner", "lit_impala.resume"),
+    ("lit_impala.learner",),
     ("lit_impala.cli", "lit_impala.__main__"),
 ]
 

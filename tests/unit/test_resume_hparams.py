@@ -1,9 +1,9 @@
 """Which model hyper-parameters a resumed run takes: the checkpoint's, and for an option added after the checkpoint
 was written, the option's default (what the run that wrote it did), never this command's config value."""
 
+from lit_impala.checkpoints import model_hparams
 from lit_impala.config import argument_defaults
 from lit_impala.learner import ImpalaModule
-from lit_impala.resume import model_hparams
 
 
 def checkpoint_with(hparams: dict) -> dict:

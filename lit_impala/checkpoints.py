@@ -1,4 +1,13 @@
-"""Which checkpoint ``--ckpt_path`` resumes from, read once and checked before any actor starts.
+"""Our checkpoints: what one holds (its format, the W&B run that wrote it, the progress counts), how an older
+format is read, and which one ``--ckpt_path`` resumes from, read once and checked before any actor starts.
+Writing and reading the file itself (atomically, without unpickling code) is ``checkpoint_io``'s; the callbacks
+that save and lock are in ``callbacks/checkpoints.py``.
+
+Formats. ``checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": ...}`` (``stamp``). Format 2
+keeps the progress counts in ``EpisodeStats``'s callback state. Format 1 (no ``"lit_impala"`` key) kept them,
+and the W&B run id, under ``"impala"``, and had model hyper-parameters that are no longer the model's: ``upgrade``
+turns it into format 2 in memory as it is read, so nothing else knows format 1. A later format than this
+version's is refused, naming the file (``check_format``).
 
 ``find_resume_point`` turns ``--ckpt_path`` into one intact checkpoint, already read (safely:
 ``checkpoint_io.read_checkpoint``): ``last`` means the newest readable ``*.ckpt`` in the run's ``ModelCheckpoint``
@@ -8,7 +17,7 @@ kill resumes from the previous intact checkpoint instead of failing at every res
 to load is one line, "no checkpoint in DIR: starting fresh". A file named explicitly gets no fallback: any
 problem with it is a ``ValueError`` naming it (the CLI prints it as one line).
 
-The rest says what a checkpoint means for this run: ``model_hparams`` (what of an older format still applies),
+The rest says what a checkpoint means for this run: ``model_hparams`` (which model hyper-parameters apply)
 and ``check_fits`` (does it fit this network).
 """
 
@@ -21,15 +30,70 @@ from typing import NamedTuple
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from lit_impala.callbacks.run_control import check_checkpoint_format, checkpoint_format
 from lit_impala.checkpoint_io import UnreadableCheckpoint, read_checkpoint
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_FORMAT = 2
+PROGRESS_STATE_KEY = "EpisodeStats"  # where format 2 keeps the progress counts: that callback's state_key
 # Model hyper-parameters of format-1 checkpoints that are no longer the model's (now: data.sync_every,
 # the episode_stats section, data.eval_deterministic); the current config's values apply instead.
 FORMAT_1_MOVED_HPARAMS = ("sync_every", "stop_at_return", "return_window", "test_deterministic")
 LIGHTNING_RESOLVES = ("best", "hpc", "registry")  # other special --ckpt_path values: Lightning's own
+
+
+# --- what a checkpoint holds ---------------------------------------------------------------------------------
+
+
+def checkpoint_format(checkpoint: dict) -> int:
+    """The format a checkpoint was written in (1: written before formats were recorded)."""
+    return int(checkpoint.get("lit_impala", {}).get("format", 1))
+
+
+def check_format(checkpoint: dict, name: str) -> None:
+    """A ``ValueError`` naming ``name`` and its format if this version of lit_impala cannot read it."""
+    found = checkpoint_format(checkpoint)
+    if found > CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint {name} has format {found}; this version of lit_impala reads formats 1 to "
+            f"{CHECKPOINT_FORMAT}: upgrade lit_impala to resume it"
+        )
+
+
+def stamp(checkpoint: dict, wandb_run_id: str | None) -> None:
+    """Record this version's format and the W&B run writing ``checkpoint`` (a resumed run continues it)."""
+    checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": wandb_run_id}
+
+
+def upgrade(checkpoint: dict) -> dict:
+    """``checkpoint`` in this version's format, changed in place (a no-op on the current format)."""
+    if checkpoint_format(checkpoint) == 1:
+        legacy = checkpoint.get("impala", {})
+        callbacks = checkpoint.setdefault("callbacks", {})
+        if PROGRESS_STATE_KEY not in callbacks and legacy:
+            callbacks[PROGRESS_STATE_KEY] = {key: legacy[key] for key in
+                                             ("env_frames", "episode_returns", "episode_lengths") if key in legacy}
+        for name in FORMAT_1_MOVED_HPARAMS:
+            checkpoint.get("hyper_parameters", {}).pop(name, None)
+        stamp(checkpoint, legacy.get("wandb_run_id"))
+    return checkpoint
+
+
+# Readers of the current format (``find_resume_point`` and ``callbacks.CheckpointFormat`` upgrade what they load):
+
+
+def wandb_run_id(checkpoint: dict) -> str | None:
+    """The W&B run that wrote ``checkpoint``."""
+    return checkpoint.get("lit_impala", {}).get("wandb_run_id")
+
+
+def env_frames(checkpoint: dict) -> int | None:
+    """The env frames the run that wrote ``checkpoint`` had consumed, if it counted them."""
+    frames = checkpoint.get("callbacks", {}).get(PROGRESS_STATE_KEY, {}).get("env_frames")
+    return None if frames is None else int(frames)
+
+
+# --- which checkpoint a command starts from --------------------------------------------------------------------
 
 
 class ResumePoint(NamedTuple):
@@ -39,10 +103,8 @@ class ResumePoint(NamedTuple):
     checkpoint: dict
 
     def describe(self) -> str:
-        frames = self.checkpoint.get("callbacks", {}).get("EpisodeStats", {}).get("env_frames")
-        if frames is None:  # format 1
-            frames = self.checkpoint.get("impala", {}).get("env_frames")
-        counted = f", {int(frames):,} env frames" if frames is not None else ""
+        frames = env_frames(self.checkpoint)
+        counted = f", {frames:,} env frames" if frames is not None else ""
         return f"{self.path} (update {self.checkpoint.get('global_step', '?')}{counted})"
 
 
@@ -85,8 +147,8 @@ def _mtime(path: Path) -> float:
 
 def _read(path: str | Path, trust: bool) -> dict:
     checkpoint = read_checkpoint(path, trust)  # UnsafeCheckpoint stops the search: it is not a torn file
-    check_checkpoint_format(checkpoint, repr(str(path)))
-    return checkpoint
+    check_format(checkpoint, repr(str(path)))
+    return upgrade(checkpoint)
 
 
 def say(line: str) -> None:
@@ -104,9 +166,6 @@ def model_hparams(checkpoint: dict, defaults: dict | None = None) -> dict:
     """
     hparams = dict(checkpoint.get("hyper_parameters", {}))
     hparams.pop("_instantiator", None)
-    if checkpoint_format(checkpoint) == 1:
-        for name in FORMAT_1_MOVED_HPARAMS:
-            hparams.pop(name, None)
     if hparams and defaults:
         hparams = {**{name: value for name, value in defaults.items() if name not in hparams}, **hparams}
     return hparams

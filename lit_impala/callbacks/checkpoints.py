@@ -1,9 +1,7 @@
-"""Run control: the final checkpoint, graceful Ctrl-C / SIGTERM, one run per checkpoint directory, and what a
-checkpoint says about itself.
+"""Checkpoint callbacks: the final checkpoint, one run per checkpoint directory, and the format stamp.
 
-``CheckpointFormat`` writes ``checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": ...}``
-and refuses a checkpoint of a format this version cannot read, naming it. Format 2 keeps the progress counts in
-``EpisodeStats``'s callback state; format 1 (progress under ``"impala"``) is still read (``resume``).
+What a checkpoint holds and which one a run resumes from is ``lit_impala.checkpoints``; writing and reading the file
+is ``lit_impala.checkpoint_io``.
 """
 
 from __future__ import annotations
@@ -11,21 +9,17 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import signal
 import socket
-import sys
-import threading
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 
-from lit_impala import interrupts
+from lit_impala import checkpoints
 from lit_impala.checkpoint_io import remove_partial_files
 from lit_impala.config import ConfigError
 
-CHECKPOINT_FORMAT = 2
 log = logging.getLogger(__name__)
 
 
@@ -119,96 +113,18 @@ class CheckpointDirectoryLock(L.Callback):
         self.release()
 
 
-class GracefulInterrupt(L.Callback):
-    """The first SIGINT (Ctrl-C) or SIGTERM ends training after the current update, like reaching
-    ``max_steps``: the update completes, ``last.ckpt`` is written by ``FinalCheckpoint`` at a
-    consistent point (weights, optimizer and env-frame count of the same update), the actors are shut
-    down and the loggers are flushed. A second SIGINT raises ``KeyboardInterrupt`` at once.
-
-    ``interrupted_by`` holds the signal's name once one arrived (the CLI then exits with 128 + signal).
-    """
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self._interrupted_by: signal.Signals | None = None
-        self._previous: dict[int, object] = {}
-
-    @property
-    def interrupted_by(self) -> signal.Signals | None:
-        return self._interrupted_by or interrupts.received()
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # Installed here, after Lightning's own SIGTERM handler (registered when the run starts): that
-        # one raises an exception at the next batch, which skips the end-of-training checkpoint.
-        self._interrupted_by = None
-        if threading.current_thread() is not threading.main_thread():
-            return  # handlers can only be installed from the main thread
-        for signum in self.SIGNALS:
-            if signum == signal.SIGINT and (interrupts.shielded() or interrupts.received()):
-                continue  # the CLI's start-up shield records Ctrl-C (lit_impala.interrupts)
-            self._previous[signum] = signal.signal(signum, self._request_stop)
-
-    def _request_stop(self, signum: int, frame) -> None:
-        self._interrupted_by = signal.Signals(signum)
-        # From now on the default handlers apply: a second Ctrl-C interrupts at once.
-        self._restore()
-        print(f"\n{self._interrupted_by.name}: {interrupts.STOP_MESSAGE}", file=sys.stderr, flush=True)
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        interrupts.unshield()  # the actors are running: Ctrl-C may reach the main thread again
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        interrupted = self.interrupted_by is not None
-        if trainer.world_size > 1:
-            # DDP: all ranks stop after the same update, or the others would wait in an all-reduce forever.
-            interrupted = trainer.strategy.reduce_boolean_decision(interrupted, all=False)
-        if interrupted:
-            trainer.should_stop = True
-
-    def _restore(self) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous.clear()
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._interrupted_by = self.interrupted_by  # kept for the CLI's exit code
-        self._restore()
-        interrupts.release()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-        interrupts.release()
-
-
-def checkpoint_format(checkpoint: dict) -> int:
-    """The format a checkpoint was written in (1: written before formats were recorded)."""
-    return int(checkpoint.get("lit_impala", {}).get("format", 1))
-
-
-def check_checkpoint_format(checkpoint: dict, name: str) -> None:
-    """A ``ValueError`` naming ``name`` and its format if this version of lit_impala cannot read it."""
-    found = checkpoint_format(checkpoint)
-    if found > CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint {name} has format {found}; this version of lit_impala reads formats 1 to "
-            f"{CHECKPOINT_FORMAT}: upgrade lit_impala to resume it"
-        )
-
-
 class CheckpointFormat(L.Callback):
-    """Records the checkpoint format and the W&B run id (a resumed run continues that W&B run)."""
+    """Stamps each checkpoint with its format and the W&B run id (a resumed run continues that W&B run), and reads
+    a checkpoint of an older format as the current one (``checkpoints.upgrade``)."""
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         run_id = None
         if trainer.is_global_zero:  # rank 0 writes the file; other ranks' W&B experiment is a dummy
             run_id = next((logger.experiment.id for logger in trainer.loggers if isinstance(logger, WandbLogger)), None)
-        checkpoint["lit_impala"] = {"format": CHECKPOINT_FORMAT, "wandb_run_id": run_id}
+        checkpoints.stamp(checkpoint, run_id)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        check_checkpoint_format(checkpoint, "being restored")
-
-
-def wandb_run_id(checkpoint: dict) -> str | None:
-    """The W&B run that wrote ``checkpoint`` (format 1 kept it under ``"impala"``)."""
-    return checkpoint.get("lit_impala", {}).get("wandb_run_id") or checkpoint.get("impala", {}).get("wandb_run_id")
+        # Lightning calls every callback's on_load_checkpoint before any load_state_dict: EpisodeStats then finds
+        # a format-1 checkpoint's counts where format 2 keeps them.
+        checkpoints.check_format(checkpoint, "being restored")
+        checkpoints.upgrade(checkpoint)
