@@ -275,7 +275,8 @@ def prepare_wandb_loggers(trainer) -> None:
         # wandb looks for a git repository from the run directory, and warns when it does not exist yet.
         if logger.save_dir:
             Path(logger.save_dir).mkdir(parents=True, exist_ok=True)
-        # Lightning 2.6 passes anonymous=None, which wandb >= 0.19 warns about although None means "unset".
+        # Lightning 2.6 passes anonymous=None, which wandb >= 0.19 warns about although None means "unset". Lightning
+        # has no public way to leave it out: its private init arguments (tests/unit/test_lightning_internals.py).
         init_kwargs = getattr(logger, "_wandb_init", {})
         if init_kwargs.get("anonymous", "") is None:
             del init_kwargs["anonymous"]

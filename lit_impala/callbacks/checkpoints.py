@@ -28,23 +28,27 @@ class FinalCheckpoint(L.Callback):
 
     ``ModelCheckpoint(save_last=True)`` refreshes ``last.ckpt`` at each periodic save, but at the end
     of training only if it never saved before: a run stopped by ``stop_at_return`` at update 780
-    would otherwise resume from update 500. When it never saved, its own ``on_train_end`` (which runs
-    after this one) writes the final ``last.ckpt``, so this callback leaves it alone: saving here too
-    would make it write a second copy, ``last-v1.ckpt``.
+    would otherwise resume from update 500. When no checkpoint was written in this run, its own ``on_train_end``
+    (which runs after this one) writes the final ``last.ckpt``, so this callback leaves it alone: saving here too
+    would make it write a second copy, ``last-v1.ckpt``. Which updates were saved is seen through the public
+    ``on_save_checkpoint`` hook, called for every checkpoint the trainer writes.
 
     Runs on every rank: ``save_checkpoint`` is a collective under DDP.
     """
 
+    def __init__(self):
+        self._saved_at: int | None = None  # the update of the last checkpoint written in this run
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self._saved_at = trainer.global_step
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._saved_at is None or self._saved_at == trainer.global_step:
+            return  # ModelCheckpoint.on_train_end saves last.ckpt itself, or this very update is saved already
         for callback in trainer.checkpoint_callbacks:
-            if not (isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath):
-                continue
-            if getattr(callback, "_last_global_step_saved", None) == trainer.global_step:
-                continue  # this very update is already saved
-            if not getattr(callback, "_last_checkpoint_saved", True):
-                continue  # ModelCheckpoint.on_train_end saves last.ckpt itself
-            path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-            trainer.save_checkpoint(path, weights_only=False)
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+                trainer.save_checkpoint(path, weights_only=False)
 
 
 class CheckpointDirectoryLock(L.Callback):

@@ -114,6 +114,7 @@ def test_ctrl_c_then_resume_continues_exactly(tmp_path, monkeypatch):
 
     # 2. last.ckpt holds that final update, and its counts belong together.
     checkpoint = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not list(ckpt_dir.glob("last-v*.ckpt")), "FinalCheckpoint refreshes last.ckpt, never a second copy"
     step, frames = checkpoint["global_step"], checkpoint["callbacks"]["EpisodeStats"]["env_frames"]
     assert (step, frames) == (int(stopped[1]), int(stopped[2]))
     assert step > 20 and frames == step * FRAMES_PER_UPDATE
