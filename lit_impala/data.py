@@ -25,7 +25,7 @@ from lit_impala.actors.remote_launch import check_launch_settings, make_remote_c
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
 from lit_impala.play import EpisodeSpec
-from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY
+from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY, Trajectory, to_time_major
 
 
 def _identity(batch):
@@ -377,6 +377,17 @@ class ImpalaDataModule(L.LightningDataModule):
             collate_fn=_identity,
             pin_memory=to_cuda,
         )
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if isinstance(batch, TensorDictBase):
+            return batch.to(device, non_blocking=True)  # Lightning's default moves a TensorDict blocking
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int) -> Trajectory | int:
+        # A training batch [B, T] becomes the time-major Trajectory [T, B] once, on the learner's device, before any
+        # batch hook: EpisodeStats (on_train_batch_start) and training_step read the same one. A test batch is an
+        # episode seed.
+        return to_time_major(batch) if isinstance(batch, TensorDictBase) else batch
 
     def test_dataloader(self) -> DataLoader:
         # One item per test episode: its env seed (the episodes run in ImpalaModule.test_step).

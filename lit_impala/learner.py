@@ -16,7 +16,6 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from tensordict import TensorDictBase
 from torch import Tensor
 
 from lit_impala.callbacks import (
@@ -39,7 +38,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
-from lit_impala.schema import Trajectory, to_time_major
+from lit_impala.schema import Trajectory
 
 log = logging.getLogger(__name__)
 
@@ -209,23 +208,12 @@ class ImpalaModule(L.LightningModule):
             callbacks.append(LearningRateMonitor(logging_interval="step"))  # logs `train/lr` (the scheduler's name)
         return callbacks
 
-    # --- the batch: time-major once, on the learner's device -------------------------------------------
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        if isinstance(batch, TensorDictBase):
-            return batch.to(device, non_blocking=True)  # Lightning's default moves a TensorDict blocking
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        # A training batch [B, T] becomes the time-major Trajectory [T, B] here, before any batch hook: EpisodeStats
-        # (on_train_batch_start) and training_step read the same one. A test batch is an episode seed.
-        return to_time_major(batch) if isinstance(batch, TensorDictBase) else batch
-
     # --- learning ---------------------------------------------------------------------------------
 
     def training_step(self, trajectory: Trajectory, batch_idx: int) -> dict:
-        """One V-trace update on a time-major batch ``[T, B]``: the loss, and as ``"update"`` its diagnostics
-        (``UpdateTensors``), which ``on_train_batch_end`` logs."""
+        """One V-trace update on a time-major batch ``[T, B]`` (as ``ImpalaDataModule`` serves it on the learner's
+        device): the loss, and as ``"update"`` its diagnostics (``UpdateTensors``), which ``on_train_batch_end``
+        logs."""
         hp = self.hparams
         # 1. learner forward: from the core state the actors started the unroll with, resetting
         #    it at the same episode starts they did

@@ -119,7 +119,7 @@ class EpisodeStats(L.Callback):
             self._log(trainer, pl_module, self.progress, now)
 
     def _count(self, trajectory: Trajectory) -> None:
-        # The learner made the batch time-major (ImpalaModule.on_after_batch_transfer). A repeat pass over the same
+        # The batch is time-major (ImpalaDataModule.on_after_batch_transfer). A repeat pass over the same
         # frames (data.passes_per_batch) adds nothing; the first pass's minibatches each add their own unrolls.
         if not trajectory.replayed:
             self.env_frames += trajectory.reward.numel()

@@ -3,6 +3,7 @@ through a ``python -m lit_impala`` subprocess."""
 
 import argparse
 import os
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -76,6 +77,8 @@ def test_passes_per_batch_takes_more_updates_and_counts_each_frame_once(tmp_path
                                        "--trainer.logger=false")], tmp_path)
     assert run.returncode == 0, run.tail()
     assert "Training stopped after 6 updates and 40 env frames" in run.stdout, run.tail()
+    # No warning: Python's and Lightning's both print "path.py:line: message"
+    assert not re.search(r"\.py:\d+: ", run.output), run.tail()
     checkpoint = torch.load(next(tmp_path.rglob("last.ckpt")), map_location="cpu", weights_only=False)
     assert checkpoint["global_step"] == 6
     assert checkpoint["state_dict"]["network.normalizer.count"].item() == 2 * 5 * 4

@@ -161,7 +161,7 @@ def learner_update(model: ImpalaModule, data: TensorDict, poison_gradient: bool 
     optimizer = torch.optim.RMSprop(model.network.parameters(), lr=1e-3)
 
     def closure():
-        loss = model.training_step(model.on_after_batch_transfer(data, 0), 0)["loss"]
+        loss = model.training_step(to_time_major(data), 0)["loss"]
         optimizer.zero_grad()
         loss.backward()
         if poison_gradient:
