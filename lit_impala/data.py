@@ -25,7 +25,7 @@ from lit_impala.actors.remote_launch import check_launch_settings, make_remote_c
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
 from lit_impala.play import EpisodeSpec
-from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, REPLAYED_KEY, Trajectory, to_time_major
+from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, POLICY_VERSION_KEY, REPLAYED_KEY, Trajectory, to_time_major
 
 
 def _identity(batch):
@@ -50,17 +50,29 @@ class UnrollStream(IterableDataset):
     generator seeded with ``seed``); with one minibatch a pass is the batch itself, in arrival order. Every
     minibatch of a pass after the first carries ``REPLAYED_KEY`` True, so that the first pass's minibatches
     count the batch's frames, episodes and observation statistics exactly once.
+
+    With ``max_policy_lag`` N, an unroll whose first (oldest) step was acted with weights more than N versions behind
+    ``latest_version()`` (the newest weights published to the actors) when its batch is formed is dropped, and
+    counted in ``unrolls_too_old`` (Sample Factory's ``max_policy_lag``). The learner may take one more update
+    before it learns from the batch (Lightning fetches the next batch ahead), and each further pass over a batch is
+    one update later again.
     """
 
-    def __init__(self, rollouts, batch_size: int, passes: int = 1, minibatches: int = 1, seed: int = 0):
+    def __init__(self, rollouts, batch_size: int, passes: int = 1, minibatches: int = 1, seed: int = 0,
+                 max_policy_lag: int | None = None, latest_version: Callable[[], int] | None = None):
         if batch_size % minibatches:
             raise ValueError(f"batch_size {batch_size} does not split into {minibatches} minibatches of whole unrolls")
+        if max_policy_lag is not None and latest_version is None:
+            raise ValueError("max_policy_lag needs latest_version, the version of the newest published weights")
         self.rollouts = rollouts  # a collector, or anything iterable yielding its rollouts
         self.batch_size = batch_size
         self.passes = passes
         self.minibatches = minibatches
         self.seed = seed
+        self.max_policy_lag = max_policy_lag
+        self.latest_version = latest_version
         self.unrolls_dropped = 0
+        self.unrolls_too_old = 0
 
     def __iter__(self) -> Iterator[TensorDictBase]:
         # Seeded per iteration: the same rollouts give the same minibatches.
@@ -84,10 +96,27 @@ class UnrollStream(IterableDataset):
             num_pending += rollout.batch_size[0]
             while num_pending >= self.batch_size:
                 unrolls = pending[0] if len(pending) == 1 else torch.cat(pending, 0)
+                unrolls = self._without_stale_unrolls(unrolls)  # now: the unrolls left from a batch age too
+                if unrolls.batch_size[0] < self.batch_size:
+                    num_pending = unrolls.batch_size[0]
+                    pending = [unrolls] if num_pending else []
+                    break
                 yield unrolls[: self.batch_size]
                 rest = unrolls[self.batch_size :]
                 num_pending = rest.batch_size[0]
                 pending = [rest] if num_pending else []
+
+    def _without_stale_unrolls(self, rollout: TensorDictBase) -> TensorDictBase:
+        """``rollout [n, T]`` less its unrolls begun more than ``max_policy_lag`` versions behind the newest weights."""
+        if self.max_policy_lag is None or rollout.batch_size[0] == 0:
+            return rollout
+        oldest = rollout.get(POLICY_VERSION_KEY)[:, 0].reshape(-1)  # versions only grow along an unroll
+        stale = (self.latest_version() - oldest) > self.max_policy_lag  # [n]
+        num_stale = int(stale.sum())
+        if num_stale == 0:
+            return rollout
+        self.unrolls_too_old += num_stale
+        return rollout[~stale]
 
     def _without_nonfinite_unrolls(self, rollout: TensorDictBase) -> TensorDictBase:
         """``rollout [n, T]`` less its unrolls holding a marked step (in the observation, or after the action)."""
@@ -149,6 +178,12 @@ class ImpalaDataModule(L.LightningDataModule):
         eval_deterministic: ``test`` and ``callbacks.EvaluationCallback`` act with the policy's mode
             (argmax / mean); False samples from it (the usual evaluation of a stochastic Atari policy).
         sync_every: publish the learner's weights to the actors after every this many updates.
+        max_policy_lag: None (the paper): V-trace corrects every unroll, however old. N: an unroll whose oldest step
+            was acted with weights more than N versions (learner updates) behind the newest ones published to the
+            actors when its batch is formed is dropped, and counted in ``policy_lag/unrolls_dropped``
+            (Sample Factory's ``max_policy_lag``). For LSTMs and continuous actions, whose importance weights
+            degrade fastest with lag. The learner may take one more update before it learns from a batch
+            (Lightning fetches one ahead), and each extra pass (``passes_per_batch``) is one update more.
         atari_options: for ALE ids, keyword arguments of ``envs.atari.make_atari_env``
             (``noop_max``, ``frame_skip``, ``screen_size``, ``frame_stack``, ``terminal_on_life_loss``,
             ``repeat_action_probability``, ``full_action_space``); defaults are the IMPALA paper's.
@@ -215,6 +250,7 @@ class ImpalaDataModule(L.LightningDataModule):
         test_episodes: PositiveInt = 20,
         eval_deterministic: bool = True,
         sync_every: PositiveInt = 1,
+        max_policy_lag: NonNegativeInt | None = None,
         atari_options: dict | None = None,
         env_backend: EnvBackend = "gymnasium",
         actors: Literal["local", "remote"] = "local",
@@ -266,6 +302,7 @@ class ImpalaDataModule(L.LightningDataModule):
                                  f"gymnasium, which evaluation uses ({gymnasium_facts})")
         self.actors: ActorPool | None = None
         self._unroll_stream: UnrollStream | None = None
+        self._published_version = 0  # of the newest weights the actors were given
         self._ended_pools: tuple[int, int, int] = (0, 0, 0)  # (restarts, lost, rejected) of pools already shut down
 
     @property
@@ -308,6 +345,11 @@ class ImpalaDataModule(L.LightningDataModule):
         """Unrolls dropped for holding non-finite env data so far (``nonfinite_data: drop``)."""
         return self._unroll_stream.unrolls_dropped if self._unroll_stream is not None else 0
 
+    @property
+    def unrolls_too_old(self) -> int:
+        """Unrolls dropped for a policy lag over ``max_policy_lag``."""
+        return self._unroll_stream.unrolls_too_old if self._unroll_stream is not None else 0
+
     def start_actors(self, network: nn.Module, network_factory, version: int = 0, rank: int = 0) -> None:
         """Start the actor pool, acting with ``network``'s weights tagged ``version``.
 
@@ -320,6 +362,7 @@ class ImpalaDataModule(L.LightningDataModule):
         if self.actors is not None:
             return
         hp = self.hparams
+        self._published_version = version
         spec = ActorSpec(hp.env_id, hp.num_actors, hp.envs_per_actor, hp.unroll_length, self.env_seed, rank,
                          {**self.env_options, "backend": hp.env_backend, "nonfinite_data": hp.nonfinite_data})
         if hp.actors == "remote":
@@ -337,6 +380,7 @@ class ImpalaDataModule(L.LightningDataModule):
     def publish_weights(self, network: nn.Module, version: int) -> None:
         """Make ``network``'s weights (tagged ``version``) the ones actors act with from their next step."""
         self.actors.publish_weights(network, version)
+        self._published_version = version
 
     def stop_actors(self) -> None:
         """Shut the actor processes down; safe to call more than once."""
@@ -369,7 +413,8 @@ class ImpalaDataModule(L.LightningDataModule):
         rank = trainer.global_rank if trainer is not None else 0
         order_seed = int(np.random.SeedSequence([self.env_seed, rank, 11]).generate_state(1)[0])
         self._unroll_stream = UnrollStream(_PoolRollouts(self), hp.batch_size, hp.passes_per_batch,
-                                           hp.minibatches_per_pass, seed=order_seed)
+                                           hp.minibatches_per_pass, seed=order_seed, max_policy_lag=hp.max_policy_lag,
+                                           latest_version=lambda: self._published_version)
         return DataLoader(
             self._unroll_stream,
             batch_size=None,

@@ -45,8 +45,9 @@ class EpisodeStats(L.Callback):
     ``progress/data_wait_fraction``, ``progress/train_s`` (wall seconds since this process's first update began,
     for curves against wall time), ``episode/return`` and ``episode/length`` (once an episode has finished; sums
     over DDP ranks), their histograms (this rank's episodes), ``faults/actor_restarts``, ``faults/actors_lost``,
-    ``faults/rollouts_rejected`` (remote rollouts that failed the checks on arrival) and ``faults/unrolls_dropped``
-    (``data.nonfinite_data: drop``); ``frames``, ``fps`` and ``return`` in the progress bar only.
+    ``faults/rollouts_rejected`` (remote rollouts that failed the checks on arrival), ``faults/unrolls_dropped``
+    (``data.nonfinite_data: drop``) and ``policy_lag/unrolls_dropped`` (``data.max_policy_lag``); ``frames``, ``fps``
+    and ``return`` in the progress bar only.
     ``trainer.max_steps`` reached also sets ``trainer.should_stop``, so that Lightning writes the last update's row
     to the loggers. An episode whose return or length is not finite never enters the window (the attribute
     ``nonfinite_episodes`` counts them).
@@ -139,6 +140,7 @@ class EpisodeStats(L.Callback):
             "faults/actors_lost": float(getattr(datamodule, "actors_lost", 0)),
             "faults/rollouts_rejected": float(getattr(datamodule, "rollouts_rejected", 0)),
             "faults/unrolls_dropped": float(getattr(datamodule, "unrolls_dropped", 0)),
+            "policy_lag/unrolls_dropped": float(getattr(datamodule, "unrolls_too_old", 0)),
         }
         if self._train_start is not None:
             metrics["progress/train_s"] = now - self._train_start

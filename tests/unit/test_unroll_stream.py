@@ -1,14 +1,14 @@
 """UnrollStream: actor rollouts regrouped into learner batches of exactly ``batch_size`` unrolls, each batch
 handed out ``passes`` times with every pass after the first marked as a replay, each pass whole or split into
-``minibatches`` of whole unrolls in a fresh random order; unrolls holding a step marked non-finite by their env
-are dropped first."""
+``minibatches`` of whole unrolls in a fresh random order; unrolls holding a step marked non-finite by their env,
+and with ``max_policy_lag`` unrolls begun too many versions behind the newest weights, are dropped first."""
 
 import pytest
 import torch
 from tensordict import TensorDict
 
 from lit_impala.data import UnrollStream, minibatch_indices
-from lit_impala.schema import NONFINITE_KEY, OBSERVATION_KEY, REPLAYED_KEY, is_replayed
+from lit_impala.schema import NONFINITE_KEY, OBSERVATION_KEY, POLICY_VERSION_KEY, REPLAYED_KEY, is_replayed
 
 T = 5
 
@@ -105,3 +105,55 @@ def test_one_minibatch_per_pass_is_the_batch_itself_in_arrival_order():
 def test_a_batch_that_does_not_split_into_whole_unrolls_is_refused():
     with pytest.raises(ValueError, match="batch_size 6 does not split into 4 minibatches"):
         UnrollStream(rollouts([6]), batch_size=6, minibatches=4)
+
+
+def with_versions(rollout: TensorDict, first_step_versions: list[int]) -> TensorDict:
+    """Each unroll acted with weights of version v at its first step and v + 1 from its third step on."""
+    versions = torch.tensor(first_step_versions)[:, None].expand(rollout.batch_size).clone()
+    versions[:, 2:] += 1
+    return rollout.set(POLICY_VERSION_KEY, versions)
+
+
+def test_unrolls_begun_more_than_max_policy_lag_versions_behind_are_dropped_and_counted():
+    latest = {"version": 10}
+    arriving = rollouts([4, 4, 4])
+    with_versions(arriving[0], [10, 8, 7, 9])  # lags 0, 2, 3, 1 at their first step
+    with_versions(arriving[1], [6, 10, 10, 8])  # lags 4, 0, 0, 2
+    with_versions(arriving[2], [11, 11, 9, 11])  # arrive after the learner moved to 12: lags 1, 1, 3, 1
+
+    def moving(items):
+        for index, item in enumerate(items):
+            latest["version"] = 10 if index < 2 else 12
+            yield item
+
+    stream = UnrollStream(moving(arriving), batch_size=3, max_policy_lag=2, latest_version=lambda: latest["version"])
+    batches = list(stream)
+    # Dropped: 2 (lag 3), 4 (lag 4), 10 (lag 3); the lag is measured at the unroll's first, oldest step.
+    assert [unroll_ids(b) for b in batches] == [[0, 1, 3], [5, 6, 7], [8, 9, 11]]
+    assert stream.unrolls_too_old == 3 and stream.unrolls_dropped == 0
+
+
+def test_without_max_policy_lag_no_unroll_is_dropped_for_its_age():
+    arriving = [with_versions(rollout, [0] * 4) for rollout in rollouts([4, 4])]
+    stream = UnrollStream(arriving, batch_size=4, latest_version=lambda: 1000)
+    assert [unroll_ids(b) for b in stream] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert stream.unrolls_too_old == 0
+
+
+def test_max_policy_lag_needs_the_latest_version():
+    with pytest.raises(ValueError, match="latest_version"):
+        UnrollStream([], batch_size=2, max_policy_lag=1)
+
+
+def test_an_unroll_left_over_from_a_batch_is_dropped_once_it_has_aged_past_the_bound():
+    latest = {"version": 5}
+    arriving = [with_versions(rollout, [5, 5, 5]) for rollout in rollouts([3, 3])]
+
+    def moving(items):
+        yield items[0]  # a batch of 2 and unroll 2 left over, at version 5
+        latest["version"] = 9  # the learner moved on while the next rollout was acted
+        yield with_versions(items[1], [9, 9, 9])
+
+    stream = UnrollStream(moving(arriving), batch_size=2, max_policy_lag=2, latest_version=lambda: latest["version"])
+    assert [unroll_ids(b) for b in stream] == [[0, 1], [3, 4]]  # unroll 2 is 4 versions behind by then; 5 waits
+    assert stream.unrolls_too_old == 1
