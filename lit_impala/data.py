@@ -24,7 +24,7 @@ from lit_impala.actors.pool import ActorPool, ActorSpec
 from lit_impala.actors.remote_launch import check_launch_settings, make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
-from lit_impala.play import EpisodeSpec
+from lit_impala.play import EpisodeSpec, TestEpisode
 from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, POLICY_VERSION_KEY, REPLAYED_KEY, Trajectory, to_time_major
 
 
@@ -174,7 +174,9 @@ class ImpalaDataModule(L.LightningDataModule):
         sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
             them (torchrl ``MultiAsyncCollector``); ``True``: all actors finish a round together
             (``MultiSyncCollector``), for debugging and for on-policy comparisons.
-        test_episodes: full episodes ``test`` runs on a fresh env (seeded from ``seed``).
+        test_episodes: full episodes ``test`` runs on a fresh env (seeded from ``seed``), each return printed.
+        test_videos: ``test`` records its first this many episodes as mp4 files (``videos/test_episode<k>.mp4`` in the
+            run's directory; at most 10,000 frames each), for any env that renders ``rgb_array`` frames.
         eval_deterministic: ``test`` and ``callbacks.EvaluationCallback`` act with the policy's mode
             (argmax / mean); False samples from it (the usual evaluation of a stochastic Atari policy).
         sync_every: publish the learner's weights to the actors after every this many updates.
@@ -248,6 +250,7 @@ class ImpalaDataModule(L.LightningDataModule):
         hide_observation_indices: list[int] | None = None,
         sync_actors: bool = False,
         test_episodes: PositiveInt = 20,
+        test_videos: NonNegativeInt = 0,
         eval_deterministic: bool = True,
         sync_every: PositiveInt = 1,
         max_policy_lag: NonNegativeInt | None = None,
@@ -435,9 +438,11 @@ class ImpalaDataModule(L.LightningDataModule):
         return to_time_major(batch) if isinstance(batch, TensorDictBase) else batch
 
     def test_dataloader(self) -> DataLoader:
-        # One item per test episode: its env seed (the episodes run in ImpalaModule.test_step).
-        seeds = [int(s) for s in np.random.SeedSequence([self.env_seed, 7]).generate_state(self.hparams.test_episodes)]
-        return DataLoader(seeds, batch_size=None, num_workers=0)
+        # One item per test episode: its env seed, and whether it is recorded (played in ImpalaModule.test_step).
+        hp = self.hparams
+        seeds = [int(s) for s in np.random.SeedSequence([self.env_seed, 7]).generate_state(hp.test_episodes)]
+        episodes = [TestEpisode(seed, record_video=k < hp.test_videos) for k, seed in enumerate(seeds)]
+        return DataLoader(episodes, batch_size=None, num_workers=0, collate_fn=_identity)
 
     def teardown(self, stage: str) -> None:
         self.stop_actors()

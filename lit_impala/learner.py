@@ -36,11 +36,14 @@ from lit_impala.core.episode_boundaries import bootstrap_steps, learning_termina
 from lit_impala.core.losses import LossTerms, impala_loss, normalize_advantages
 from lit_impala.core.networks import ImpalaAgent
 from lit_impala.envs.factory import action_space_from_spec
-from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
+from lit_impala.play import EpisodeSpec, PlayedEpisodes, TestEpisode, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
 from lit_impala.schema import Trajectory
 
 log = logging.getLogger(__name__)
+# A recorded test episode keeps at most this many frames: 5.5 minutes at 30 frames/s, ~1 GB of Atari's 210x160 RGB
+# frames held until written.
+TEST_VIDEO_FRAMES = 10_000
 
 
 class ImpalaModule(L.LightningModule):
@@ -413,9 +416,10 @@ class ImpalaModule(L.LightningModule):
 
     # --- test: one whole episode per test batch, with the (checkpoint's) weights --------------------
 
-    def test_step(self, episode_seed: int, batch_idx: int) -> PlayedEpisodes:
+    def test_step(self, episode: TestEpisode, batch_idx: int) -> PlayedEpisodes:
         return play_episodes(copy.deepcopy(self.network).cpu().eval(), EpisodeSpec.of(self.trainer), num_episodes=1,
-                            seed=int(episode_seed))
+                             seed=int(episode.seed), record_video=episode.record_video,
+                             max_video_frames=TEST_VIDEO_FRAMES)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.checkpoint_step = checkpoint.get("global_step")

@@ -34,6 +34,14 @@ class EpisodeSpec(NamedTuple):
         return spec
 
 
+class TestEpisode(NamedTuple):
+    """One episode ``test`` plays (an item of ``ImpalaDataModule.test_dataloader``): its env seed, and whether it is
+    recorded as an mp4."""
+
+    seed: int
+    record_video: bool = False
+
+
 class PlayedEpisodes(NamedTuple):
     """What ``play_episodes`` returns."""
 

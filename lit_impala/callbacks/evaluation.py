@@ -206,16 +206,29 @@ class EvaluationCallback(L.Callback):
 
 
 class TestReport(L.Callback):
-    """``test``: gathers the episodes ``ImpalaModule.test_step`` plays (one per test batch), then logs
+    """``test``: prints each episode ``ImpalaModule.test_step`` plays (one per test batch) as it ends, writes the
+    recorded ones (``data.test_videos``) as ``videos/test_episode<k>.mp4`` in the run's directory, then logs
     ``test/return_mean``, ``test/return_std``, ``test/length_mean``, ``test/episodes`` and prints them."""
+
+    def __init__(self, video_fps: PositiveInt = 30):
+        self.video_fps = video_fps
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.returns: list[float] = []
         self.lengths: list[int] = []
+        self.videos: list[Path] = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs: PlayedEpisodes, batch, batch_idx, dataloader_idx=0):
         self.returns.extend(outputs.returns)
         self.lengths.extend(outputs.lengths)
+        video = ""
+        if outputs.frames is not None:
+            path = write_video(outputs.frames, run_directory(trainer) / "videos" / f"test_episode{batch_idx:03d}.mp4",
+                               self.video_fps)
+            self.videos.append(path)
+            video = f", video {path}"
+        pl_module.print(f"Test episode {batch_idx + 1}: return {outputs.returns[0]:.1f}, {outputs.lengths[0]} steps"
+                        + video)
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         metrics = summarize(self.returns, self.lengths, "test")

@@ -3,6 +3,7 @@ through the real entry point (CSV and offline W&B loggers)."""
 
 import csv
 import json
+import re
 import time
 from pathlib import Path
 
@@ -200,3 +201,23 @@ def test_callback_logs_to_offline_wandb_with_videos(tmp_path, monkeypatch):
     assert all(path.startswith("media/videos/eval/") and path.endswith(".mp4") for path in logged)
     for path in logged:  # wandb copies the mp4 into the run's media folder as it is
         assert (run_files / path).read_bytes()[4:8] == b"ftyp"
+
+
+def test_the_test_command_prints_each_episode_and_records_the_first_ones(tmp_path):
+    """Watching a trained agent: ``test`` with a checkpoint prints every episode's return and writes the first
+    ``data.test_videos`` episodes as mp4 files, one frame after the reset and one per step."""
+    from tests.cli_runner import run_lit_impala
+    from tests.integration.test_checkpoint_formats import FORMAT_1  # a CartPole checkpoint at update 30
+
+    run = run_lit_impala(["test", "--config", CONFIG, "--trainer.logger=false", "--data.test_episodes=3",
+                          "--data.test_videos=2", "--data.eval_deterministic=false", f"--ckpt_path={FORMAT_1}"],
+                         tmp_path)
+    assert run.returncode == 0, run.tail()
+    episodes = re.findall(r"Test episode (\d): return ([\d.]+), (\d+) steps(?:, video (\S+))?", run.stdout)
+    assert [int(number) for number, *_ in episodes] == [1, 2, 3], run.tail()
+    assert [bool(video) for *_, video in episodes] == [True, True, False]
+    for _, episode_return, steps, video in episodes[:2]:
+        assert float(episode_return) == int(steps)  # CartPole: +1 per step
+        assert read_mp4(Path(video))[0] == int(steps) + 1, video
+        assert Path(video).parent == tmp_path / "videos"
+    assert "(sampled actions)" in run.stdout
