@@ -60,9 +60,12 @@ def _frames_to_array(frames: list[np.ndarray]) -> np.ndarray:
 
 
 def _render(env, env_id: str) -> np.ndarray:
+    """The env's ``rgb_array`` frame as uint8 ``[H, W, 3]``; a float frame (MinAtar's, in [0, 1]) is scaled to 0-255."""
     frame = env.render()
     if not isinstance(frame, np.ndarray) or frame.ndim != 3:
         raise ValueError(f"env {env_id!r} does not render rgb_array frames [H, W, 3] (got {type(frame).__name__})")
+    if np.issubdtype(frame.dtype, np.floating):
+        return (np.clip(frame, 0.0, 1.0) * 255).round().astype(np.uint8)
     return frame
 
 

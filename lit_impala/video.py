@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+MIN_SIDE = 160  # pixels: a smaller frame (MinAtar's 10x10 grid) is enlarged by a whole factor, each cell a block
+
 
 def _even_rgb(frames: np.ndarray) -> np.ndarray:
     """``[L, H, W]`` or ``[L, H, W, C]`` (C = 1, 3 or 4) -> uint8 RGB ``[L, H', W', 3]`` with H', W'
@@ -24,6 +26,10 @@ def _even_rgb(frames: np.ndarray) -> np.ndarray:
     elif frames.shape[-1] == 4:
         frames = frames[..., :3]  # drop alpha
     _, height, width, _ = frames.shape
+    if min(height, width) < MIN_SIDE:  # nearest-neighbour: a cell stays a sharp square, not a blur
+        factor = -(-MIN_SIDE // min(height, width))
+        frames = frames.repeat(factor, axis=1).repeat(factor, axis=2)
+        height, width = height * factor, width * factor
     if height % 2 or width % 2:
         frames = np.pad(frames, ((0, 0), (0, height % 2), (0, width % 2), (0, 0)), mode="edge")
     return frames
@@ -33,7 +39,8 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 30) -> Path:
     """Write ``frames`` uint8 ``[L, H, W, 3]`` as an H.264 mp4 at ``path``; returns ``path``.
 
     Atomic: encoded under a temporary name in the same directory, then renamed, so a reader (or
-    W&B) never sees half a file. Parent directories are created. Odd sizes are padded to even.
+    W&B) never sees half a file. Parent directories are created. Odd sizes are padded to even; frames with a side
+    under ``MIN_SIDE`` pixels are enlarged by a whole factor (nearest neighbour).
     """
     import imageio.v2 as imageio  # imported here: only evaluation needs it (and its ffmpeg binary)
 

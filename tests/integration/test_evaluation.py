@@ -87,13 +87,39 @@ def test_write_video_is_a_readable_mp4(tmp_path):
     path = write_video(frames, tmp_path / "nested" / "dir" / "clip.mp4", fps=10)
     assert path == tmp_path / "nested" / "dir" / "clip.mp4"
     assert path.read_bytes()[4:8] == b"ftyp"
-    assert read_mp4(path) == (6, (60, 40))
+    assert read_mp4(path) == (6, (240, 160))  # enlarged 4x: a side under 160 pixels
     assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary file left behind
 
 
 def test_write_video_pads_odd_sizes_to_even(tmp_path):
-    frames = np.full((3, 31, 45, 3), 200, dtype=np.uint8)
-    assert read_mp4(write_video(frames, tmp_path / "odd.mp4")) == (3, (46, 32))
+    frames = np.full((3, 161, 201, 3), 200, dtype=np.uint8)
+    assert read_mp4(write_video(frames, tmp_path / "odd.mp4")) == (3, (202, 162))
+
+
+def test_write_video_enlarges_a_small_grid_into_sharp_blocks(tmp_path):
+    grid = np.zeros((2, 10, 10, 3), dtype=np.uint8)
+    grid[:, 2, 7] = (255, 0, 0)  # one red cell
+    path = write_video(grid, tmp_path / "grid.mp4", fps=10)
+    assert read_mp4(path) == (2, (160, 160))  # 16x, the smallest whole factor reaching 160 pixels
+    with imageio.get_reader(str(path), format="FFMPEG") as reader:
+        frame = reader.get_data(0).astype(int)
+    assert frame[2 * 16 + 8, 7 * 16 + 8, 0] > 200 and frame[2 * 16 + 8, 7 * 16 + 8, 1:].max() < 60  # red cell
+    assert frame[5 * 16 + 8, 5 * 16 + 8].max() < 30  # the rest stays black
+
+
+def test_a_minatar_episode_is_recorded_in_colour_not_black():
+    """MinAtar renders float frames in [0, 1]: recorded as uint8 0-255 (a cast alone would make every pixel 0)."""
+    pytest.importorskip("minatar")
+    from lit_impala.envs.factory import action_space_spec, describe_env
+    from lit_impala.learner import ImpalaModule
+
+    facts = describe_env("MinAtar/Breakout-v1")
+    network = ImpalaModule(list(facts.observation_shape), action_space_spec(facts.action_space),
+                           encoder="minatar").network
+    played = play_episodes(network, EpisodeSpec("MinAtar/Breakout-v1"), num_episodes=1, record_video=True,
+                           max_video_frames=20)
+    assert played.frames.dtype == np.uint8 and played.frames.shape[1:] == (10, 10, 3)
+    assert played.frames.max() > 200  # the paddle, ball and bricks in colour (a plain cast: every pixel 0)
 
 
 # --- bad arguments --------------------------------------------------------------------------------------
