@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: a video gets the permissions of any file the user creates (mkstemp's are 0600)
 MIN_SIDE = 160  # pixels: a smaller frame (MinAtar's 10x10 grid) is enlarged by a whole factor, each cell a block
 
 
@@ -51,6 +53,7 @@ def write_video(frames: np.ndarray, path: str | Path, fps: int = 30) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     # ffmpeg picks the container from the extension, so the temporary name ends in .mp4 too.
     handle, temporary = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".mp4", dir=path.parent)
+    os.fchmod(handle, 0o666 & ~_UMASK)
     os.close(handle)
     try:
         # macro_block_size=1: keep the frame size (imageio would otherwise resize to multiples of 16).

@@ -3,6 +3,7 @@ through the real entry point (CSV and offline W&B loggers)."""
 
 import csv
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -89,6 +90,13 @@ def test_write_video_is_a_readable_mp4(tmp_path):
     assert path.read_bytes()[4:8] == b"ftyp"
     assert read_mp4(path) == (6, (240, 160))  # enlarged 4x: a side under 160 pixels
     assert [p.name for p in path.parent.iterdir()] == ["clip.mp4"]  # no temporary file left behind
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()  # as any file the user creates
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def test_write_video_pads_odd_sizes_to_even(tmp_path):
