@@ -74,3 +74,14 @@ def test_core_is_pure_torch(path):
 def _is_module(dotted: str) -> bool:
     relative = Path(*dotted.split("."))
     return (REPO / relative).with_suffix(".py").is_file() or (REPO / relative / "__init__.py").is_file()
+
+
+def test_the_lit_impala_script_is_python_m_lit_impala():
+    """``lit-impala`` (pyproject's script) runs what ``python -m lit_impala`` runs, the Ctrl-C shield included."""
+    import importlib
+    import tomllib
+
+    target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["lit-impala"]
+    module_name, _, function = target.partition(":")
+    assert module_name == "lit_impala.__main__"
+    assert callable(getattr(importlib.import_module(module_name), function))
