@@ -79,6 +79,7 @@ def _is_module(dotted: str) -> bool:
 def test_the_lit_impala_script_is_python_m_lit_impala():
     """``lit-impala`` (pyproject's script) runs what ``python -m lit_impala`` runs, the Ctrl-C shield included."""
     import importlib
+
     import tomllib
 
     target = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]["lit-impala"]
