@@ -54,7 +54,7 @@ class ThroughputProbe(L.Callback):
             if now - self.first_batch_time >= self.warmup:
                 self.window_start = (now, EpisodeStats.of(trainer).env_frames, trainer.global_step)
             return
-        lag = (trainer.global_step - 1) - batch["policy_version"].float()
+        lag = (trainer.global_step - 1) - batch.policy_version.float()  # the time-major Trajectory
         self.lags.append(lag.mean().item())
         self.max_lag = max(self.max_lag, int(lag.max().item()))
         if now - self.window_start[0] >= self.seconds:
