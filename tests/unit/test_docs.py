@@ -163,3 +163,18 @@ def test_the_configuration_reference_lists_every_argument_and_no_other(section, 
     documented = reference_rows(section)
     assert arguments == documented, (f"docs/configuration.md {section}: missing {sorted(arguments - documented)}, "
                                      f"not an argument {sorted(documented - arguments)}")
+
+
+# A file the docs name in backticks: `lit_impala/cli.py`, `core/losses.py` (in lit_impala), `tests/unit/test_docs.py`.
+NAMED_FILE = re.compile(r"`((?:lit_impala|tests|benchmarks|configs|core|actors|callbacks|envs)/[\w/.-]+\.(?:py|yaml))`")
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: p.name)
+def test_every_file_the_docs_name_exists(page):
+    missing = []
+    for name in sorted(set(NAMED_FILE.findall(page.read_text()))):
+        top = name.split("/", 1)[0]
+        path = REPO / "lit_impala" / name if top in ("core", "actors", "callbacks", "envs") else REPO / name
+        if not path.is_file():
+            missing.append(name)
+    assert not missing, f"{page.name} names files that do not exist: {missing}"
