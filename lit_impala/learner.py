@@ -16,6 +16,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
+from tensordict import TensorDictBase
 from torch import Tensor
 
 from lit_impala.callbacks import (
@@ -38,7 +39,7 @@ from lit_impala.core.networks import ImpalaAgent
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.play import EpisodeSpec, PlayedEpisodes, TestEpisode, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
-from lit_impala.schema import Trajectory
+from lit_impala.schema import Trajectory, as_trajectory
 
 log = logging.getLogger(__name__)
 # A recorded test episode keeps at most this many frames: 5.5 minutes at 30 frames/s, ~1 GB of Atari's 210x160 RGB
@@ -213,11 +214,12 @@ class ImpalaModule(L.LightningModule):
 
     # --- learning ---------------------------------------------------------------------------------
 
-    def training_step(self, trajectory: Trajectory, batch_idx: int) -> dict:
+    def training_step(self, batch: Trajectory | TensorDictBase, batch_idx: int) -> dict:
         """One V-trace update on a time-major batch ``[T, B]`` (as ``ImpalaDataModule`` serves it on the learner's
-        device): the loss, and as ``"update"`` its diagnostics (``UpdateTensors``), which ``on_train_batch_end``
-        logs."""
+        device; another data module's collector TensorDict is made time-major here): the loss, and as ``"update"``
+        its diagnostics (``UpdateTensors``), which ``on_train_batch_end`` logs."""
         hp = self.hparams
+        trajectory = as_trajectory(batch)
         # 1. learner forward: from the core state the actors started the unroll with, resetting
         #    it at the same episode starts they did
         output = self.network(trajectory.observation, trajectory.initial_core_state, trajectory.is_init)

@@ -81,6 +81,12 @@ def is_replayed(batch: TensorDictBase) -> bool:
     return REPLAYED_KEY in batch.keys() and bool(batch.get(REPLAYED_KEY).any())
 
 
+def as_trajectory(batch: Trajectory | TensorDictBase) -> Trajectory:
+    """The learner's view of a batch: ``ImpalaDataModule`` serves ``Trajectory`` already (made once, on the learner's
+    device); a collector TensorDict from another data module is made time-major here."""
+    return batch if isinstance(batch, Trajectory) else to_time_major(batch)
+
+
 def to_time_major(batch: TensorDictBase) -> Trajectory:
     """``[B, T]`` collector TensorDict -> time-major ``Trajectory`` (views, no copies where possible)."""
 

@@ -18,7 +18,7 @@ import torch
 
 from lit_impala.callbacks.histograms import log_histograms
 from lit_impala.config import PositiveInt, check_arguments
-from lit_impala.schema import Trajectory
+from lit_impala.schema import Trajectory, as_trajectory
 
 
 class Progress(NamedTuple):
@@ -92,13 +92,13 @@ class EpisodeStats(L.Callback):
         if self._restored:
             self._resumed_from = trainer.global_step
 
-    def on_train_batch_start(self, trainer, pl_module, batch: Trajectory, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Lightning fetched this batch just before: the gap since the last update is data wait.
         if self._batch_end_time is not None:
             self._data_wait_s += time.perf_counter() - self._batch_end_time
         # The batch's frames and episodes count, and whether this update is the last is decided, before the update:
         # every hook after it (the learner's logging, checkpoints) sees the same should_stop, whatever their order.
-        self._count(batch)
+        self._count(as_trajectory(batch))
         progress = self.progress = self._across_ranks(trainer, pl_module.device)
         update = trainer.global_step + 1  # the update this batch makes
         target = self.stop_at_return
