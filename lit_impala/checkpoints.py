@@ -186,7 +186,8 @@ def check_fits(point: ResumePoint, model) -> None:
     problems += [f"{key}: not in this network" for key in saved if key not in expected]
     if problems:
         hparams = point.checkpoint.get("hyper_parameters", {})
-        written_for = {k: hparams.get(k) for k in ("observation_shape", "action_space")}
+        written_for = {k: hparams.get(k) for k in ("observation_shape", "action_space", "observation_parts")
+                       if hparams.get(k) is not None}
         raise ValueError(
             f"checkpoint {str(point.path)!r} was written for a different env or network ({written_for}); "
             f"this run has observation_shape={list(model.hparams.observation_shape)}, "

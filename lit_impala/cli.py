@@ -39,6 +39,8 @@ from lit_impala.schedule import budget_problem
 
 FULL_ERROR_ENV = "LIT_IMPALA_FULL_ERROR"  # "1": a configuration error shows its traceback (as HYDRA_FULL_ERROR)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
+# The model arguments the data module links in from the env: a checkpoint's values of them are not the user's choice.
+ENV_FACTS = ("observation_shape", "action_space", "observation_parts")
 
 # What every run shares (a config file sets what differs). An infinite stream never ends an epoch, so
 # max_steps (or the stop rule) ends a run. (The logger stays in each config: as a default here, switching it
@@ -58,6 +60,7 @@ class ImpalaCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
         parser.link_arguments("data.action_space", "model.action_space", apply_on="instantiate")
+        parser.link_arguments("data.observation_parts", "model.observation_parts", apply_on="instantiate")
         # Progress, the recent episodes and the stop rule: always there, configured in its own section.
         parser.add_lightning_class_args(EpisodeStats, "episode_stats")
         parser.add_argument(
@@ -86,7 +89,7 @@ class ImpalaCLI(LightningCLI):
             hparams = checkpoints.model_hparams(self.resume_point.checkpoint, argument_defaults(ImpalaModule))
             given = config.get("model") or {}
             replaced = [f"model.{key}={given[key]!r} (the checkpoint's: {value!r})" for key, value in hparams.items()
-                        if key in given and given[key] != value and key not in ("observation_shape", "action_space")]
+                        if key in given and given[key] != value and key not in ENV_FACTS]
             if replaced:  # LightningCLI's rule; said, so that a changed learning rate does not vanish silently
                 checkpoints.say("The checkpoint's model hyper-parameters apply; not used from this command's config: "
                            + ", ".join(replaced))

@@ -168,7 +168,13 @@ class ImpalaDataModule(L.LightningDataModule):
             None (default): the run's seed (``seed_everything``, read via ``torch.initial_seed()``).
         max_episode_steps: override the env's time limit (episodes are *truncated* there); None
             keeps the registered limit (500 for CartPole-v1).
-        observation_key: for dict observations, the entry the agent sees (MiniGrid: ``image``).
+        observation_key: for dict observations, the one entry the agent sees (MiniGrid: ``image``). None (default):
+            the agent sees every entry, each through an encoder suited to it (images through ``model.encoder``,
+            vectors, one-hot ``Discrete`` entries and ``MultiBinary`` ones through the MLP; ``envs.dict_observation``).
+        action_mask_key: for dict observations, the entry that holds the legal actions (1 legal, 0 not; one per
+            action, ``MultiBinary(n)``), as RLlib's and Sample Factory's action-masking envs give it. The policy's
+            logits are masked with it on the actors and the learner alike: illegal actions are never sampled, and
+            the behaviour and target log-probs are of the same masked distribution.
         hide_observation_indices: components of a vector observation hidden from the agent, e.g.
             ``[1, 3]`` hides CartPole's two velocities (a memory task).
         sync_actors: ``False`` (IMPALA): the learner takes rollouts in the order actors finish
@@ -247,6 +253,7 @@ class ImpalaDataModule(L.LightningDataModule):
         seed: int | None = None,
         max_episode_steps: PositiveInt | None = None,
         observation_key: str | None = None,
+        action_mask_key: str | None = None,
         hide_observation_indices: list[int] | None = None,
         sync_actors: bool = False,
         test_episodes: PositiveInt = 20,
@@ -293,6 +300,7 @@ class ImpalaDataModule(L.LightningDataModule):
         self.env_options = {
             "max_episode_steps": max_episode_steps,
             "observation_key": observation_key,
+            "action_mask_key": action_mask_key,
             "hide_observation_indices": hide_observation_indices,
             **({"atari_options": atari_options} if atari_options is not None else {}),
         }
@@ -322,6 +330,13 @@ class ImpalaDataModule(L.LightningDataModule):
     def observation_shape(self) -> list[int]:
         """Shape of one observation (channels-first for images); linked into the model."""
         return list(self.env_facts.observation_shape)
+
+    @property
+    def observation_parts(self) -> list[dict] | None:
+        """A dict observation's layout as plain data (``core.observation_parts``), None for a plain observation;
+        linked into the model."""
+        parts = self.env_facts.observation_parts
+        return None if parts is None else [part.to_spec() for part in parts]
 
     @property
     def action_space(self) -> dict:

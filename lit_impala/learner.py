@@ -36,6 +36,7 @@ from lit_impala.core.distributions import make_distribution
 from lit_impala.core.episode_boundaries import bootstrap_steps, learning_terminations, vtrace_step_inputs
 from lit_impala.core.losses import LossTerms, impala_loss, normalize_advantages
 from lit_impala.core.networks import ImpalaAgent
+from lit_impala.core.observation_parts import parts_from_spec
 from lit_impala.envs.factory import action_space_from_spec
 from lit_impala.play import EpisodeSpec, PlayedEpisodes, TestEpisode, play_episodes
 from lit_impala.schedule import budget_problem, fit_to_budget, linear_schedule, linear_value
@@ -56,6 +57,9 @@ class ImpalaModule(L.LightningModule):
     Args:
         observation_shape: shape of one observation (linked from the data module).
         action_space: the env's action space as plain data (linked from the data module).
+        observation_parts: a dict observation's layout (linked from the data module; None for a plain one): the
+            observation is then packed into one vector, and the network reads each part with an encoder suited to
+            it and masks the logits with an action-mask part (``core.observation_parts``, ``data.action_mask_key``).
         encoder: ``mlp`` for vectors; ``resnet`` (the paper's deep ResNet) or ``nature`` (DQN's
             CNN) for images.
         hidden_dim: width of the MLP encoder's first hidden layer.
@@ -163,6 +167,7 @@ class ImpalaModule(L.LightningModule):
         adam_eps: PositiveFloat = 1e-5,
         max_grad_norm: PositiveFloat | None = 40.0,
         max_nonfinite_updates: PositiveInt = 10,
+        observation_parts: list[dict] | None = None,
     ):
         super().__init__()
         check_arguments(ImpalaModule.__init__, locals())
@@ -190,6 +195,7 @@ class ImpalaModule(L.LightningModule):
             shared_encoder=shared_encoder,
             normalize_values=value_normalization != "none",
             value_norm_beta=value_norm_beta,
+            observation_parts=None if observation_parts is None else parts_from_spec(observation_parts),
         )
         self.network = self.network_factory()
         self.nonfinite_updates = 0  # updates skipped for a non-finite loss or gradient, in total ...
@@ -340,7 +346,7 @@ class ImpalaModule(L.LightningModule):
             # The observation statistics learn from applied updates only, after their loss (which used the
             # statistics the actors acted with), and from finite rows only: what ships to the actors and lands
             # in checkpoints stays finite.
-            rows = observations.flatten(0, 1)
+            rows = self.network.vector_parts(observations.flatten(0, 1))
             self.network.normalizer.update(rows[torch.isfinite(rows).flatten(1).all(-1)])
 
     def _update_value_statistics(self, value_targets: Tensor) -> None:

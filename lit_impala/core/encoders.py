@@ -137,6 +137,39 @@ class MinAtarEncoder(nn.Module):
         return F.relu(self.fc(self.conv(_scale_pixels(x, self.fc.weight))))
 
 
+class DictEncoder(nn.Module):
+    """The parts of a dict observation (``core.observation_parts``) -> ``[N, feature_dim]``: each image part
+    through a pixel encoder of its own, the vector parts (concatenated) through one MLP, their features
+    concatenated -> Linear -> ReLU. The action mask is not an input: the network applies it to the logits.
+
+    Args:
+        parts: the layout; ``image`` and ``vector`` parts are encoded, in this order.
+        pixel_encoder: ``(C, H, W) -> module`` for each image part (the configured ``encoder``).
+        hidden_dim, feature_dim: the MLP's widths, and the width of the output.
+    """
+
+    def __init__(self, parts, pixel_encoder, hidden_dim: int, feature_dim: int):
+        super().__init__()
+        self.feature_dim = feature_dim
+        self.image_parts = [part for part in parts if part.kind == "image"]
+        self.vector_size = sum(part.size for part in parts if part.kind == "vector")
+        self.images = nn.ModuleDict({part.name: pixel_encoder(part.shape) for part in self.image_parts})
+        self.vector = MLPEncoder(self.vector_size, hidden_dim, feature_dim) if self.vector_size else None
+        joint = sum(encoder.feature_dim for encoder in self.images.values()) + (feature_dim if self.vector else 0)
+        self.fc = nn.Linear(joint, feature_dim)
+
+    def forward(self, entries: dict[str, Tensor], vector: Tensor | None) -> Tensor:
+        """``entries``: ``{name: [N, *shape]}`` (packed as float32: pixel images hold 0-255, made uint8 again so
+        the pixel encoder scales them as it scales frames); ``vector``: the vector parts ``[N, V]``, normalised."""
+        features = []
+        for part in self.image_parts:
+            image = entries[part.name]
+            features.append(self.images[part.name](image.to(torch.uint8) if part.pixels else image))
+        if self.vector is not None:
+            features.append(self.vector(vector))
+        return F.relu(self.fc(torch.cat(features, dim=-1)))
+
+
 # --- observation normalisation -------------------------------------------------------------------------
 
 

@@ -14,12 +14,14 @@ from torch import Tensor, nn
 from lit_impala.core.distributions import ActionDistribution, Categorical, DiagGaussian
 from lit_impala.core.encoders import (
     ENCODERS,
+    DictEncoder,
     MinAtarEncoder,
     MLPEncoder,
     NatureCNNEncoder,
     ObservationNormalizer,
     ResNetEncoder,
 )
+from lit_impala.core.observation_parts import ObservationPart, flat_size, mask_logits, split
 from lit_impala.core.value_normalization import ValueNormalizer
 
 INIT_FNS = ("orthogonal", "xavier_uniform", "identity")
@@ -80,6 +82,11 @@ class ImpalaAgent(nn.Module):
             (``value_normalizer``, ``core.value_normalization``); ``baseline`` is given denormalised, so every
             caller sees values in the returns' own scale. The learner calls ``value_normalizer.update``.
         value_norm_beta: step size of those running statistics.
+        observation_parts: a dict observation's layout (``core.observation_parts``): the observation is then the
+            packed vector ``(D,)``, each ``image`` part goes through the ``encoder`` (a pixel one), the ``vector``
+            parts through the MLP (normalised with ``normalize_observations``), and a ``mask`` part (legal
+            actions, 1 / 0, one per logit) masks the policy's logits, on actors and learner alike. None: a plain
+            observation of ``observation_shape``.
     """
 
     def __init__(
@@ -100,6 +107,7 @@ class ImpalaAgent(nn.Module):
         shared_encoder: bool = True,
         normalize_values: bool = False,
         value_norm_beta: float = 3e-4,
+        observation_parts: tuple[ObservationPart, ...] | None = None,
     ):
         super().__init__()
         _check_choice("encoder", encoder, ENCODERS)
@@ -108,7 +116,9 @@ class ImpalaAgent(nn.Module):
         self.distribution = distribution
         self.encoder_name = encoder
         self.use_lstm = use_lstm
-        self.is_pixel = encoder != "mlp"
+        self.observation_parts = tuple(observation_parts) if observation_parts else None
+        self.is_pixel = encoder != "mlp" and self.observation_parts is None
+        self.action_mask = self._check_parts(encoder, distribution, normalize_observations)
 
         # 1. encoder
         needed_dims = 3 if self.is_pixel else 1
@@ -120,7 +130,10 @@ class ImpalaAgent(nn.Module):
         if use_lstm and not shared_encoder:
             raise ValueError("shared_encoder=False is for feed-forward agents: with use_lstm the value reads the "
                              "core's memory, so it shares the encoder")
-        self.normalizer = ObservationNormalizer(self.observation_shape) if normalize_observations else None
+        normalized_shape = self.observation_shape
+        if self.observation_parts is not None:
+            normalized_shape = (sum(part.size for part in self.observation_parts if part.kind == "vector"),)
+        self.normalizer = ObservationNormalizer(normalized_shape) if normalize_observations else None
         self.encoder = self._make_encoder(encoder, hidden_dim, feature_dim)
         self.baseline_encoder = None if shared_encoder else self._make_encoder(encoder, hidden_dim, feature_dim)
 
@@ -145,14 +158,58 @@ class ImpalaAgent(nn.Module):
             with torch.no_grad():  # start at std = exp(log_std_init) whatever the state
                 self.policy_head.bias[distribution.action_dim :].fill_(float(log_std_init))
 
+    def _check_parts(self, encoder: str, distribution: ActionDistribution, normalize: bool) -> ObservationPart | None:
+        """Check a dict layout against the other arguments; its action-mask part, if any."""
+        parts = self.observation_parts
+        if parts is None:
+            return None
+        if self.observation_shape != (flat_size(parts),):
+            raise ValueError(f"observation_shape {list(self.observation_shape)} is not the packed size "
+                             f"[{flat_size(parts)}] of the observation parts {[p.name for p in parts]}")
+        images = [part.name for part in parts if part.kind == "image"]
+        if images and encoder == "mlp":
+            raise ValueError(f"observation parts {images} are images: set the encoder to a pixel one "
+                             f"({', '.join(e for e in ENCODERS if e != 'mlp')})")
+        if not images and encoder != "mlp":
+            raise ValueError(f"encoder {encoder!r} is for images; the observation parts {[p.name for p in parts]} "
+                             "hold none (use mlp)")
+        if normalize and not any(part.kind == "vector" for part in parts):
+            raise ValueError("normalize_observations normalises the vector parts; these observation parts hold none")
+        if not any(part.kind in ("image", "vector") for part in parts):
+            raise ValueError(f"observation parts {[p.name for p in parts]} hold nothing for the network to read")
+        mask = next((part for part in parts if part.kind == "mask"), None)
+        if mask is not None:
+            if isinstance(distribution, DiagGaussian):
+                raise ValueError(f"action mask {mask.name!r}: masking is for discrete actions, not a continuous Box")
+            if mask.size != distribution.param_size:
+                raise ValueError(f"action mask {mask.name!r} has {mask.size} entries; the policy has "
+                                 f"{distribution.param_size} logits (one entry per action)")
+        return mask
+
     def _make_encoder(self, encoder: str, hidden_dim: int, feature_dim: int) -> nn.Module:
+        if self.observation_parts is not None:
+            return DictEncoder(self.observation_parts, lambda shape: _pixel_encoder(encoder, shape, feature_dim),
+                               hidden_dim, feature_dim)
         if encoder == "mlp":
             return MLPEncoder(self.observation_shape[0], hidden_dim, feature_dim)
-        if encoder == "resnet":
-            return ResNetEncoder(self.observation_shape, feature_dim)
-        if encoder == "minatar":
-            return MinAtarEncoder(self.observation_shape, feature_dim)
-        return NatureCNNEncoder(self.observation_shape, feature_dim)
+        return _pixel_encoder(encoder, self.observation_shape, feature_dim)
+
+    def _encode(self, encoder: nn.Module, x: Tensor) -> Tensor:
+        """``x [N, *obs]`` -> ``[N, F]`` through ``encoder``, normalised where asked."""
+        if self.observation_parts is None:
+            return encoder(x if self.normalizer is None else self.normalizer(x))
+        entries = split(x, self.observation_parts)
+        vector = self.vector_parts(x)
+        return encoder(entries, vector if self.normalizer is None or vector is None else self.normalizer(vector))
+
+    def vector_parts(self, observation: Tensor) -> Tensor | None:
+        """What ``normalize_observations`` normalises: the whole observation ``[N, *obs]``, or of dict observations
+        the vector parts concatenated ``[N, V]`` (None without any). The learner updates the normaliser with it."""
+        if self.observation_parts is None:
+            return observation
+        entries = split(observation, self.observation_parts)
+        vectors = [entries[part.name] for part in self.observation_parts if part.kind == "vector"]
+        return torch.cat(vectors, dim=-1) if vectors else None
 
     def _initialize(self, init_fn: str, policy_init_scale: float, value_init_scale: float) -> None:
         """rllte / CleanRL-style init; "identity" keeps PyTorch's defaults untouched."""
@@ -209,9 +266,7 @@ class ImpalaAgent(nn.Module):
 
         # The encoder sees all T * B observations at once; only the core needs time order.
         x = observation.reshape(-1, *self.observation_shape)
-        if self.normalizer is not None:
-            x = self.normalizer(x)
-        features = self.encoder(x)  # [T * B, F]
+        features = self._encode(self.encoder, x)  # [T * B, F]
 
         core_states = None
         if self.core is None:
@@ -224,8 +279,13 @@ class ImpalaAgent(nn.Module):
         policy_params = self.policy_head(core_output)
         if self.log_std is not None:
             policy_params = torch.cat([policy_params, self.log_std.expand_as(policy_params)], dim=-1)
+        if self.action_mask is not None:
+            legal = split(x, self.observation_parts)[self.action_mask.name]
+            policy_params = mask_logits(policy_params, legal.reshape(*leading, -1))
         # Without LSTM (checked in __init__) the value's own features need no time order either.
-        value_input = core_output if self.baseline_encoder is None else self.baseline_encoder(x).reshape(*leading, -1)
+        value_input = core_output
+        if self.baseline_encoder is not None:
+            value_input = self._encode(self.baseline_encoder, x).reshape(*leading, -1)
         baseline = self.baseline_head(value_input).squeeze(-1)
         if self.value_normalizer is not None:
             baseline = self.value_normalizer.denormalize(baseline)
@@ -256,6 +316,14 @@ class ImpalaAgent(nn.Module):
         """``V`` of ``observation [N, *obs]`` continuing from ``core_state`` (each ``[N, H]``; one core
         step, no reset) -> ``[N]``. The learner bootstraps from final observations with it."""
         return self.forward(observation.unsqueeze(0), core_state).baseline.squeeze(0)
+
+
+def _pixel_encoder(encoder: str, shape: tuple[int, ...], feature_dim: int) -> nn.Module:
+    if encoder == "resnet":
+        return ResNetEncoder(shape, feature_dim)
+    if encoder == "minatar":
+        return MinAtarEncoder(shape, feature_dim)
+    return NatureCNNEncoder(shape, feature_dim)
 
 
 class ActorCriticMLP(ImpalaAgent):

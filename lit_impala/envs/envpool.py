@@ -75,12 +75,13 @@ def envpool_config(
     atari_options: dict | None = None,
     observation_key: str | None = None,
     hide_observation_indices: list[int] | None = None,
+    action_mask_key: str | None = None,
 ) -> tuple[str, dict[str, Any], bool]:
     """``(task_id, envpool.make keyword arguments, whether life losses are reported)`` for the options the
     gymnasium backend takes; ValueError naming an option envpool cannot honour."""
-    if observation_key is not None or hide_observation_indices:
-        raise ValueError("observation_key and hide_observation_indices are gymnasium-backend options; "
-                         "use env_backend gymnasium for them")
+    if observation_key is not None or hide_observation_indices or action_mask_key is not None:
+        raise ValueError("observation_key, hide_observation_indices and action_mask_key are gymnasium-backend "
+                         "options; use env_backend gymnasium for them")
     task_id = envpool_task_id(env_id)
     fields = import_envpool().make_spec(task_id).config._fields
     kwargs: dict[str, Any] = {}

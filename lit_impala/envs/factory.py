@@ -29,7 +29,9 @@ from torchrl.data import Categorical
 from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
 from torchrl.envs.libs.gym import default_info_dict_reader
 
+from lit_impala.core.observation_parts import ObservationPart, flat_size
 from lit_impala.envs.atari import is_atari_id, make_atari_env, register_atari_envs
+from lit_impala.envs.dict_observation import PackDictObservation, dict_observation_parts
 from lit_impala.envs.envpool import describe_envpool_env, make_envpool_env
 from lit_impala.envs.finite import FiniteCheck, NonFiniteMode
 from lit_impala.envs.wrappers import (
@@ -48,9 +50,10 @@ class EnvFacts(NamedTuple):
     """What the learner's network must know about an env, read once from its spaces."""
 
     env_id: str
-    observation_shape: tuple[int, ...]  # channels-first for images
+    observation_shape: tuple[int, ...]  # channels-first for images; (D,) for a packed dict observation
     observation_dtype: str  # "float32" or "uint8" (pixels travel as uint8)
     action_space: gym.Space
+    observation_parts: tuple[ObservationPart, ...] | None = None  # a dict observation's layout (packed in D)
 
     @property
     def is_image(self) -> bool:
@@ -86,6 +89,7 @@ def make_gym_env(
     check_env: bool = True,
     render_mode: str | None = None,
     atari_options: dict | None = None,
+    action_mask_key: str | None = None,
 ) -> gym.Env:
     """One gymnasium env with the observation wrappers the options ask for.
 
@@ -101,6 +105,10 @@ def make_gym_env(
         atari_options: for Atari ids (``ALE/Pong-v5``), ``make_atari_env``'s preprocessing options, e.g.
             ``{"terminal_on_life_loss": True}``; None: the DQN / IMPALA defaults (``[4, 84, 84]`` uint8
             frames). Atari envs are built by ``make_atari_env`` whether or not this is given.
+        action_mask_key: for dict observations, the entry holding the legal actions (1 / 0 per action).
+
+    A dict observation without ``observation_key`` is packed whole into one float32 vector
+    (``envs.dict_observation.PackDictObservation``); the network reads its parts again.
     """
     _import_env_module(env_id)
     atari = is_atari_id(env_id)
@@ -123,7 +131,21 @@ def make_gym_env(
                 f"observation_key {observation_key!r} is not an entry of {env_id!r}'s observation space "
                 f"{env.observation_space}"
             )
+        if action_mask_key is not None:
+            env.close()
+            raise ValueError(f"action_mask_key {action_mask_key!r} needs the whole dict observation; observation_key "
+                             f"{observation_key!r} keeps one entry of it")
         env = SelectObservationKey(env, observation_key)
+    elif isinstance(env.observation_space, gym.spaces.Dict):
+        try:
+            return PackDictObservation(env, action_mask_key)
+        except ValueError:
+            env.close()
+            raise
+    if action_mask_key is not None:
+        env.close()
+        raise ValueError(f"action_mask_key {action_mask_key!r} is for dict observations; {env_id!r} has "
+                         f"{env.observation_space}")
     space = env.observation_space
     if isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.bool_:
         env = BooleanImageAsPixels(env)  # MinAtar: [10, 10, C] bool -> [C, 10, 10] uint8
@@ -155,7 +177,7 @@ def describe_env(env_id: str, backend: EnvBackend = "gymnasium", **options) -> E
         raise
     except Exception as error:  # e.g. a missing optional dependency of the env
         raise ValueError(f"Env {env_id!r} could not be created ({backend}): {type(error).__name__}: {error}") from error
-    return _facts(env_id, obs_space, act_space)
+    return _facts(env_id, obs_space, act_space, options.get("action_mask_key"))
 
 
 def gymnasium_spaces(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
@@ -168,16 +190,20 @@ def gymnasium_spaces(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
         raise ValueError(f"Unknown gymnasium env id {env_id!r}.{hint}")
     env = make_gym_env(env_id, **options)
     try:
-        return env.observation_space, env.action_space
+        # A packed dict observation is described by its dict space: the facts hold its parts.
+        return getattr(env, "dict_space", env.observation_space), env.action_space
     finally:
         env.close()
 
 
-def _facts(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvFacts:
-    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3)):
+def _facts(env_id: str, obs_space: gym.Space, act_space: gym.Space, action_mask_key: str | None = None) -> EnvFacts:
+    parts = None
+    if isinstance(obs_space, gym.spaces.Dict):
+        parts = dict_observation_parts(obs_space, action_mask_key)
+    elif not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) in (1, 3)):
         raise ValueError(
-            f"Env {env_id!r} has observation space {obs_space}; supported: a 1-D Box (vector) or an image Box [H, W, C]"
-            " (for a dict observation, pick an entry with observation_key)."
+            f"Env {env_id!r} has observation space {obs_space}; supported: a 1-D Box (vector), an image Box [H, W, C]"
+            " or a Dict of those (and Discrete, MultiBinary)."
         )
     if isinstance(act_space, gym.spaces.Box):
         if len(act_space.shape) != 1 or not (np.isfinite(act_space.low).all() and np.isfinite(act_space.high).all()):
@@ -187,6 +213,10 @@ def _facts(env_id: str, obs_space: gym.Space, act_space: gym.Space) -> EnvFacts:
             )
     elif not isinstance(act_space, (gym.spaces.Discrete, gym.spaces.MultiDiscrete)):
         raise ValueError(f"Env {env_id!r} has action space {act_space}; supported: Discrete, MultiDiscrete, 1-D Box.")
+    if parts is not None:
+        if any(part.kind == "mask" for part in parts) and isinstance(act_space, gym.spaces.Box):
+            raise ValueError(f"Env {env_id!r}: an action mask is for discrete actions; its action space is {act_space}")
+        return EnvFacts(env_id, (flat_size(parts),), "float32", act_space, parts)
     dtype = "uint8" if obs_space.dtype == np.uint8 else "float32"
     return EnvFacts(env_id, tuple(int(d) for d in obs_space.shape), dtype, act_space)
 

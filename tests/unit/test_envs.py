@@ -104,7 +104,8 @@ def test_unsupported_envs_are_rejected_by_name(env_id, message):
     "env_id, options, message",
     [
         ("MinAtar/Breakout-v1", {}, "env_backend envpool has no env 'MinAtar/Breakout-v1'"),
-        ("CartPole-v1", {"observation_key": "image"}, "observation_key and hide_observation_indices are gymnasium"),
+        ("CartPole-v1", {"observation_key": "image"},
+         "observation_key, hide_observation_indices and action_mask_key are gymnasium"),
         ("CartPole-v1", {"atari_options": {"frame_skip": 2}}, "which is not an Atari env"),
         ("ALE/Pong-v5", {"atari_options": {"clip_rewards": True}}, r"atari_options \['clip_rewards'\] have no envpool"),
     ],
