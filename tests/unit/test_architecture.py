@@ -23,7 +23,8 @@ LAYERS = [
     ("lit_impala.data",),
     ("lit_impala.callbacks",),
     ("lit_impala.learner",),
-    ("lit_impala.cli", "lit_impala.__main__"),
+    ("lit_impala.cli", "lit_impala.__main__", "lit_impala.export"),
+    ("lit_impala.launch",),  # runs `python -m lit_impala fit` processes; its settings check builds them with cli
 ]
 
 
