@@ -1,10 +1,11 @@
 """Learning curves: return against env frames and against wall time, several seeds, next to a published result.
 
-For each task: every seed is one ``python -m lit_impala fit`` process (the shipped YAML with its callbacks), one
-after the other, logging to CSV, run in a directory of its own, ``<workdir>/<task>/seed<k>/`` (``--workdir``, by
-default ``runs/learning`` in the repository, which git ignores), where its checkpoints, CSV log and ``fit.log`` stay.
-A seed's curve is written there as soon as its process ends (``curve.json``, with the command that made it); the
-logged history of every seed is then written per task as
+For each task: every seed is one ``python -m lit_impala fit`` process (the shipped YAML with its callbacks), run by
+the launcher (``lit_impala.launch``) one after the other (``--parallel N``: N seeds of a task at a time), logging
+to CSV, in a directory of its own, ``<workdir>/<task>/seed<k>/`` (``--workdir``, by default ``runs/learning`` in the
+repository, which git ignores), where its checkpoints, CSV log and ``fit.log`` stay. A seed's curve is written there
+as soon as its process ends (``curve.json``, with the command that made it); the logged history of every seed is
+then written per task as
 
 * ``results/learning/<task>.png``: mean and min/max band over seeds, return vs env frames and vs wall seconds,
   with the task's target and the published references drawn in;
@@ -14,17 +15,18 @@ and the summary table (final mean return over the last 100 episodes; frames and 
 seed) is printed, written to ``results/learning.json``, and put into docs/results.md between the
 ``<!-- learning-table -->`` markers. Rerunning a task replaces its files and its row.
 
-Stopping and going on: Ctrl-C stops the running ``fit`` after its current update, with a checkpoint (a second
-Ctrl-C stops it at once; it resumes from its last periodic checkpoint then), and the benchmark with it; a killed
-sitting leaves the same. Typing the same command again goes on where it stopped: a seed whose ``curve.json`` was
-made by the same ``fit`` command (config, overrides, seed, frame budget) is reused without running; an unfinished
-seed with a checkpoint from the same command is resumed (``fit --ckpt_path last``: its CSV log goes on in a new
-version, read together with the earlier ones); a seed whose command changed, or that stopped before its first
-checkpoint, starts over in a cleared directory. ``--fresh`` starts every seed of the tasks over (after a change
-to the code, which the command does not show).
+Stopping and going on (the launcher's rules, ``lit_impala.launch.runs``): Ctrl-C stops the running fits after their
+current update, with a checkpoint (a second Ctrl-C stops them at once; they resume from their last periodic
+checkpoint then), and the benchmark with them; a killed sitting leaves the same. Typing the same command again goes
+on where it stopped: a seed finished with the same ``fit`` command (config, overrides, seed, frame budget) is reused
+without running; an unfinished seed with a checkpoint from the same command is resumed (``fit --ckpt_path last``:
+its CSV log goes on in a new version, read together with the earlier ones); a seed whose command changed, or that
+stopped before its first checkpoint, starts over in a cleared directory. ``--fresh`` starts every seed of the tasks
+over (after a change to the code, which the command does not show).
 
     python -m benchmarks.learning --tasks cartpole,pendulum            # each task's own budget and seeds
     python -m benchmarks.learning --tasks cartpole --frames 50000 --seeds 1   # a smoke run
+    python -m benchmarks.learning --tasks cartpole --parallel 3         # the 3 seeds at once
     python -m benchmarks.learning --replot                              # redraw all from the saved curves
 """
 
@@ -35,23 +37,21 @@ import csv
 import json
 import math
 import os
-import shutil
-import subprocess
 import sys
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, OneLineErrorParser, print_table, write_result
+from lit_impala.launch import Interrupted, Run, RunResult, launch
+from lit_impala.launch.runs import LOG_FILE, absolute_config_paths, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_PAGE = REPO / "docs" / "results.md"  # where the table and the plots are shown
 WORKDIR = REPO / "runs" / "learning"
-CURVE_FILE, COMMAND_FILE = "curve.json", "command.json"
+CURVE_FILE = "curve.json"  # a seed's curve, next to the launcher's record of its run
 TABLE_START, TABLE_END = "<!-- learning-table -->", "<!-- /learning-table -->"
 
 
@@ -190,112 +190,40 @@ def fit_arguments(task: Task, seed: int, frames: float) -> list[str]:
 
 def with_repository_paths(arguments: list[str]) -> list[str]:
     """``arguments`` with every config file as a path in the repository (the fit runs in its seed's directory)."""
-    out = []
-    for previous, argument in zip(["", *arguments], arguments, strict=False):
-        if previous == "--config":
-            out.append(str(REPO / argument))
-        else:
-            out.append(f"--config={override_config(argument)}" if override_config(argument) else argument)
-    return out
+    return absolute_config_paths(arguments, REPO)
 
 
-SeedPlan = Literal["reuse", "resume", "start"]
+def seed_run(name: str, task: Task, seed: int, frames: float, workdir: Path) -> Run:
+    """One seed of a task as a launcher run in ``workdir/<name>/seed<k>``: its ``fit`` arguments (config files
+    relative to the repository) recorded with its frame budget, so that the same arguments are the same run."""
+    return Run(name, seed, workdir / name / f"seed{seed}", tuple(fit_arguments(task, seed, frames)), REPO,
+               {"frames": frames})
 
 
-def seed_plan(command: dict, started_with: dict | None, finished_with: dict | None, has_checkpoint: bool,
-              fresh: bool) -> SeedPlan:
-    """What to do with one seed's directory: ``reuse`` its finished curve, ``resume`` its unfinished run from the
-    checkpoint (``--ckpt_path last``), or ``start`` over in a cleared directory.
-
-    Args:
-        command: this invocation's record of the seed's run (its ``fit`` arguments and frame budget).
-        started_with: the record of the run last started in the directory (None: none was).
-        finished_with: the record next to its finished curve (None: no curve).
-        has_checkpoint: whether the directory holds a checkpoint.
-        fresh: ``--fresh``: start over whatever is there.
-    """
-    if fresh:
-        return "start"
-    if finished_with == command:
-        return "reuse"
-    if started_with == command and has_checkpoint:
-        return "resume"
-    return "start"
-
-
-def read_json(path: Path) -> dict | None:
-    """``path``'s JSON object, or None when it is missing or torn (a sitting killed while writing it)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def write_json(path: Path, payload: dict) -> None:
-    """Write ``payload`` to ``path`` whole or not at all (a kill mid-write leaves the old file or none)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload) + "\n")
-    os.replace(partial, path)
-
-
-def run_seed(name: str, task: Task, seed: int, frames: float, seed_dir: Path, fresh: bool = False) -> dict:
-    """One seed's curve: the one ``seed_dir`` holds for the same command, else that of a ``fit`` process started
-    there (or resumed there, see ``seed_plan``); frames, return, wall seconds."""
-    arguments = fit_arguments(task, seed, frames)
-    command = {"fit": arguments, "frames": frames}
-    started_with = read_json(seed_dir / COMMAND_FILE)
-    finished = read_json(seed_dir / CURVE_FILE) or {}
-    plan = seed_plan(command, started_with, finished.get("command"), any(seed_dir.rglob("*.ckpt")), fresh)
-    if plan == "reuse":
-        curve = finished["curve"]
-        print(f"{name} seed {seed}: reusing the curve finished in {seed_dir}: {curve['return'][-1]:.1f} after "
+def seed_curve(task: Task, run: Run, result: RunResult) -> dict:
+    """One seed's curve once its run ended: the one saved next to a run finished before, else read from the CSV
+    logs of its fit processes and saved next to it (``curve.json``); frames, return, wall seconds."""
+    if not (result.reused or result.exit_code == 0):
+        log = run.directory / LOG_FILE
+        tail = log.read_text()[-2000:] if log.exists() else result.note
+        raise RuntimeError(f"seed {run.seed} of {task.config} ended with {result.status}:\n{tail}")
+    saved = read_json(run.directory / CURVE_FILE) or {}
+    if result.reused and saved.get("command") == run.record:
+        curve = saved["curve"]
+        print(f"{run.name}: reusing the curve finished in {run.directory}: {curve['return'][-1]:.1f} after "
               f"{curve['env_frames'][-1]:,.0f} frames", flush=True)
         return curve
-    if plan == "resume":
-        print(f"{name} seed {seed}: resuming the unfinished run in {seed_dir} from its last checkpoint", flush=True)
-        arguments = [*arguments, "--ckpt_path=last"]
-    elif seed_dir.exists():
-        why = ("--fresh" if fresh else "its command changed" if started_with not in (None, command)
-               else "no checkpoint to resume from")
-        print(f"{name} seed {seed}: starting over in {seed_dir} ({why})", flush=True)
-        shutil.rmtree(seed_dir)
-    seed_dir.mkdir(parents=True, exist_ok=True)
-    write_json(seed_dir / COMMAND_FILE, command)
-    started = time.perf_counter()
-    with open(seed_dir / "fit.log", "a") as log:  # a resumed run's log goes on after the earlier one
-        process = subprocess.Popen([sys.executable, "-m", "lit_impala", *with_repository_paths(arguments)],
-                                   cwd=seed_dir, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "PYTHONPATH": str(REPO)})
-        code = wait_through_ctrl_c(process)
-    wall = time.perf_counter() - started
-    if code != 0:
-        tail = (seed_dir / "fit.log").read_text()[-2000:]
-        raise RuntimeError(f"seed {seed} of {task.config} exited with {code}:\n{tail}")
-    parts = [read_log(path) for path in csv_logs(seed_dir / "csv")]
+    parts = [read_log(path) for path in csv_logs(run.directory / "csv")]
     frames_seen, returns, seconds = merge_logs(parts)
     if not returns:
-        raise RuntimeError(f"seed {seed} of {task.config} logged no episode return")
-    curve = {"seed": seed, "env_frames": frames_seen, "return": returns, "train_seconds": seconds,
+        raise RuntimeError(f"seed {run.seed} of {task.config} logged no episode return")
+    curve = {"seed": run.seed, "env_frames": frames_seen, "return": returns, "train_seconds": seconds,
              "resumed_at_frames": resume_points(parts),
-             "process_seconds": wall}  # of the last fit process, when the run was resumed
-    write_json(seed_dir / CURVE_FILE, {"command": command, "curve": curve})
-    print(f"{name} seed {seed}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
+             "process_seconds": result.wall_s}  # of the last fit process, when the run was resumed
+    write_json(run.directory / CURVE_FILE, {"command": run.record, "curve": curve})
+    print(f"{run.name}: {curve['return'][-1]:.1f} after {curve['env_frames'][-1]:,.0f} frames, "
           f"{curve['process_seconds']:.0f} s", flush=True)
     return curve
-
-
-def wait_through_ctrl_c(process: subprocess.Popen) -> int:
-    """``process``'s exit code. Ctrl-C in the terminal reaches the fit too (one process group), which then ends
-    after its update with a checkpoint: wait for that (``subprocess.run`` would kill it 0.25 s later), then stop."""
-    try:
-        return process.wait()
-    except KeyboardInterrupt:
-        while process.poll() is None:
-            try:
-                process.wait()
-            except KeyboardInterrupt:  # pressed again: the fit got it too and stops at once
-                pass
-        raise
 
 
 def csv_logs(directory: Path) -> list[Path]:
@@ -483,9 +411,17 @@ def update_results_page(table: str, page: Path = RESULTS_PAGE) -> bool:
     return True
 
 
-def run_task(name: str, task: Task, frames: float, seeds: int, workdir: Path, fresh: bool = False) -> list[dict]:
-    """Every seed of one task, one process after the other, each in ``workdir/<name>/seed<k>`` (see ``run_seed``)."""
-    return [run_seed(name, task, seed, frames, workdir / name / f"seed{seed}", fresh) for seed in range(seeds)]
+def run_task(name: str, task: Task, frames: float, seeds: int, workdir: Path, fresh: bool = False,
+             parallel: int = 1) -> list[dict]:
+    """Every seed of one task through the launcher, ``parallel`` fits at a time (1: one after the other, as the wall
+    times in the results were measured), each in ``workdir/<name>/seed<k>``; their curves, in seed order.
+
+    Raises:
+        Interrupted: Ctrl-C or SIGTERM stopped it (every running fit stopped after its update, with a checkpoint).
+    """
+    runs = [seed_run(name, task, seed, frames, workdir) for seed in range(seeds)]
+    results = launch(runs, parallel=parallel, fresh=fresh, say=lambda line: print(line, flush=True))
+    return [seed_curve(task, run, result) for run, result in zip(runs, results, strict=True)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -500,6 +436,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "(default: runs/learning in the repository)")
     parser.add_argument("--fresh", action="store_true",
                         help="start every seed of the tasks over, even one finished or stopped with the same command")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="seeds of a task run at a time (default 1: one after the other, so that wall times "
+                             "stay comparable with the published ones)")
     parser.add_argument("--no-table", "--no-readme", dest="no_table", action="store_true",
                         help="do not rewrite the table in docs/results.md")
     parser.add_argument("--replot", action="store_true",
@@ -510,6 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--frames must be > 0, got {args.frames:g}")
     if args.seeds is not None and args.seeds < 1:
         parser.error(f"--seeds must be >= 1, got {args.seeds}")
+    if args.parallel < 1:
+        parser.error(f"--parallel must be >= 1, got {args.parallel}")
     results_dir = Path(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR))
     out = results_dir / "learning"
     if args.tasks:
@@ -534,10 +475,10 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             try:
                 curves = run_task(name, task, args.frames or task.frames, args.seeds or task.seeds,
-                                  args.workdir.resolve(), args.fresh)
-            except KeyboardInterrupt:
+                                  args.workdir.resolve(), args.fresh, args.parallel)
+            except Interrupted as stop:
                 print(f"stopped during {name}: type the same command again to go on from there", file=sys.stderr)
-                sys.exit(130)
+                sys.exit(128 + stop.signum)
         row = summarize(name, task, curves)
         plot(name, task, curves, out / f"{name}.png")
         (out / f"{name}.json").write_text(json.dumps({"row": row, "curves": curves}) + "\n")

@@ -121,6 +121,7 @@ def test_learning_benchmark_writes_a_plot_a_curve_and_a_row(results_in_tmp, tmp_
     (["--tasks", "cartpole,nope"], "unknown task(s) ['nope']"),
     (["--frames", "-1"], "--frames must be > 0, got -1"),
     (["--seeds", "0"], "--seeds must be >= 1, got 0"),
+    (["--parallel", "0"], "--parallel must be >= 1, got 0"),
     (["--replot", "--tasks", "hopper"], "--replot: no curves for hopper"),
 ])
 def test_learning_benchmark_bad_input_is_one_line_and_exit_2(arguments, message, results_in_tmp, tmp_path):

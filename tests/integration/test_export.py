@@ -1,7 +1,7 @@
 """``python -m lit_impala.export`` as a user types it, on the checkpoint of a tiny real CartPole run: the TorchScript
-and ONNX files give the checkpoint's network's outputs on CartPole's own observations, and the README's snippets
-play an episode with them in a process that imports neither lit_impala nor (for ONNX) torch; a bad input is one
-``error:`` line, exit code 2, and nothing written at ``--output``."""
+and ONNX files give the checkpoint's network's outputs on CartPole's own observations, and the snippets of
+README.md#seeing-what-the-agent-does play an episode with them in a process that imports neither lit_impala nor (for
+ONNX) torch; a bad input is one ``error:`` line, exit code 2, and nothing written at ``--output``."""
 
 import subprocess
 import sys
@@ -19,7 +19,7 @@ from tests.integration.test_cli import RunsCode, tiny, unsafe_checkpoint
 
 EXPORT = "lit_impala.export"
 
-# The README's snippets (README.md, "Exporting the policy"), as typed there: run from the directory holding the
+# The snippets of README.md#seeing-what-the-agent-does, as typed there: run from the directory holding the
 # exported files. test_the_readme_shows_these_snippets keeps the two the same.
 SNIPPETS = {
     "torchscript": """\
@@ -113,7 +113,7 @@ def test_the_exported_policy_is_the_checkpoints_and_the_readme_snippet_plays_wit
         got = [torch.from_numpy(out) for out in session.run(None, {"observation": observations.numpy()})]
     torch.testing.assert_close(tuple(got), expected)
 
-    # The README's snippet, as a file, run where the file is.
+    # The snippet of README.md#seeing-what-the-agent-does, as a file, run where the file is.
     (tmp_path / "play.py").write_text(SNIPPETS[format])
     played = subprocess.run([sys.executable, "-c", WATCHED_IMPORTS, "play.py"], cwd=tmp_path, capture_output=True,
                             text=True, timeout=120)

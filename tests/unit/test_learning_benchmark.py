@@ -1,28 +1,20 @@
-"""benchmarks.learning's resumable seeds: what a seed's directory is used for (reuse, resume, start over), and
-one curve from the CSV logs of a run stopped and resumed (each fit process logs a version of its own)."""
+"""benchmarks.learning's resumable seeds: a seed as a launcher run, and one curve from the CSV logs of a run stopped
+and resumed (each fit process logs a version of its own)."""
 
 import math
 
-import pytest
-
 from benchmarks import learning
 
-COMMAND = {"fit": ["fit", "--config", "configs/cartpole.yaml", "--seed_everything=0"], "frames": 40000.0}
-OTHER = {**COMMAND, "frames": 80000.0}
 
-
-@pytest.mark.parametrize(("started_with", "finished_with", "has_checkpoint", "fresh", "plan"), [
-    (None, None, False, False, "start"),  # an empty directory
-    (COMMAND, COMMAND, True, False, "reuse"),  # finished with the same command
-    (COMMAND, None, True, False, "resume"),  # stopped with a checkpoint
-    (COMMAND, None, False, False, "start"),  # stopped before its first checkpoint
-    (OTHER, None, True, False, "start"),  # stopped, but another command: its checkpoint is not this run's
-    (OTHER, OTHER, True, False, "start"),  # finished with another command
-    (COMMAND, COMMAND, True, True, "start"),  # --fresh
-    (COMMAND, None, True, True, "start"),
-])
-def test_seed_plan(started_with, finished_with, has_checkpoint, fresh, plan):
-    assert learning.seed_plan(COMMAND, started_with, finished_with, has_checkpoint, fresh) == plan
+def test_a_seed_is_a_launcher_run_recorded_with_its_budget(tmp_path):
+    """A seed's record is its fit arguments and its frame budget, as before the launcher ran the seeds: a seed
+    directory of an earlier sitting is the same run (the rules for reusing and resuming it are the launcher's,
+    tests/unit/test_launch.py)."""
+    task = learning.TASKS["cartpole"]
+    run = learning.seed_run("cartpole", task, 2, 40000.0, tmp_path)
+    assert run.directory == tmp_path / "cartpole" / "seed2" and run.base == learning.REPO
+    assert run.record == {"fit": learning.fit_arguments(task, 2, 40000.0), "frames": 40000.0}
+    assert run.name == "cartpole seed 2"
 
 
 def test_a_resumed_run_is_one_curve_later_values_kept_seconds_going_on():
