@@ -28,7 +28,8 @@ def test_a_masked_dict_observation_env_learns_and_never_takes_an_illegal_action(
                           f"--episode_stats.stop_at_return={TARGET_RETURN}", "--trainer.max_steps=400"],
                          cwd=tmp_path, timeout_s=300, env={LOG_DIR_ENV: str(log_dir)})
     assert fit.returncode == 0, fit.tail()
-    assert f"Reached a mean return of {TARGET_RETURN}" in fit.output, fit.tail()
+    reached = re.search(r"Reached a mean return of ([\d.]+) over the last 100 episodes \(target ([\d.]+)\)", fit.output)
+    assert reached and float(reached[1]) >= TARGET_RETURN == float(reached[2]), fit.tail()  # it may stop above it (9.6)
     steps, illegal = illegal_action_counts(log_dir)
     assert steps > 10_000 and illegal == 0, (steps, illegal)
 
