@@ -9,7 +9,8 @@ but none of torchrl, tensordict, gymnasium, ale-py or jsonargparse. So:
 2. There, with the checkout and ``.whl/`` carried: the one line ``python -m benchmarks.gpu_check command`` prints.
    It installs the wheels offline into ``/tmp/site`` and runs ``python3 -m benchmarks.gpu_check run --out $OUT``:
    the CUDA tests, ``benchmarks.vtrace`` (a CUDA row beside the CPU one), ``benchmarks.fit`` on Pong with the deep
-   ResNet (per-actor and server inference, the learner on CUDA) and a few minutes of Pong training, each step a
+   ResNet (``configs/atari_gpu.yaml``: per-actor and server inference, the learner on CUDA) and a few minutes of
+   Pong training with the same config, each step a
    subprocess with its own time limit, so that one hung step cannot take the others' time. It prints a table and
    writes ``$OUT/gpu_check.json`` (and each step's log) with the GPU's name.
 3. The rehearsal, here and in the test suite: ``python -m benchmarks.gpu_check run --dry-run`` runs the same steps
@@ -79,7 +80,7 @@ DEVICE_MARKERS = {"python_version": PYTHON_TAG, "python_full_version": f"{PYTHON
 # collecting the whole suite there would import packages the GPU image does not have (W&B, MinAtar, ...).
 GPU_TESTS = ["tests/unit/test_vtrace.py", "tests/integration/test_inference_cuda.py",
              "tests/integration/test_cuda_learner.py"]
-PONG = str(REPO / "configs" / "atari_pong.yaml")
+PONG = str(REPO / "configs" / "atari_gpu.yaml")  # the Atari config for a GPU learner (deep ResNet)
 CSV_LOGGER = "--trainer.logger=lightning.pytorch.loggers.CSVLogger"
 
 

@@ -119,8 +119,16 @@ def mujoco_task(env: str, frames: float) -> Task:
     return Task(MUJOCO, frames, 3, MUJOCO_TARGETS_5M[env], (ppo, appo), (f"--data.env_id={env}-v5",))
 
 
+# Atari: frames are agent steps (each 4 emulator frames at frame skip 4), as RLlib and CleanRL count them.
+RLLIB_APPO_PONG = ("RLlib APPO, tuned example pong-appo (ray-project/ray, rllib/tuned_examples/appo), 32 workers: "
+                   "'can also solve Pong in 2.5 million timesteps', the figure issue 26 quotes")
+CLEANRL_PPO_PONG = "CleanRL ppo_atari.py, PongNoFrameskip-v4, 10M agent steps, the figure issue 26 quotes"
+CLEANBA_IMPALA_PONG = ("cleanba IMPALA, Pong-v5 with sticky actions and the full action set, 200M frames = 50M agent "
+                       "steps, the figure issue 26 quotes")
+
 # One config per family of tasks, each run unchanged over the family's tasks (only the env id differs).
 CLASSIC, MINATAR, MUJOCO = "configs/cartpole.yaml", "configs/minatar.yaml", "configs/mujoco.yaml"
+ATARI_CPU = "configs/atari_cpu.yaml"
 
 TASKS: dict[str, Task] = {
     # vector observations, discrete actions
@@ -149,6 +157,10 @@ TASKS: dict[str, Task] = {
     "hopper_1m": mujoco_task("Hopper", 1e6),
     "halfcheetah": mujoco_task("HalfCheetah", 5e6),
     "hopper": mujoco_task("Hopper", 5e6),
+    # Atari with atari_cpu.yaml (envpool, the Nature network, 42x42), 1 seed: hours on 2 cores
+    "pong": Task(ATARI_CPU, 5e6, 1, 18.0, (Reference("APPO", 18.0, 2.5e6, RLLIB_APPO_PONG),
+                                           Reference("PPO", 20.5, 1e7, CLEANRL_PPO_PONG),
+                                           Reference("IMPALA", 19.1, 5e7, CLEANBA_IMPALA_PONG))),
 }
 
 
