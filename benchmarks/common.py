@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from lit_impala.config import OneLineErrorParser  # noqa: F401  (the benchmarks' parser, from here)
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RESULTS_DIR_VARIABLE = "LIT_IMPALA_BENCHMARK_DIR"  # where results go instead (the tests' smoke runs)
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line naming it and exit 2, like ``python -m lit_impala``
-    (argparse's default prints the whole usage first)."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def machine() -> dict:

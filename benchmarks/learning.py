@@ -46,7 +46,7 @@ import numpy as np
 
 from benchmarks.common import RESULTS_DIR, RESULTS_DIR_VARIABLE, OneLineErrorParser, print_table, write_result
 from lit_impala.launch import Interrupted, Run, RunResult, launch
-from lit_impala.launch.runs import LOG_FILE, absolute_config_paths, read_json, write_json
+from lit_impala.launch.runs import LOG_FILE, read_json, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_PAGE = REPO / "docs" / "results.md"  # where the table and the plots are shown
@@ -198,11 +198,6 @@ def fit_arguments(task: Task, seed: int, frames: float) -> list[str]:
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.init_args.save_dir=csv",
         "--trainer.logger.init_args.name=run",
     ]
-
-
-def with_repository_paths(arguments: list[str]) -> list[str]:
-    """``arguments`` with every config file as a path in the repository (the fit runs in its seed's directory)."""
-    return absolute_config_paths(arguments, REPO)
 
 
 def seed_run(name: str, task: Task, seed: int, frames: float, workdir: Path) -> Run:

@@ -7,7 +7,9 @@ when Python code builds the classes directly, so a notebook gets the same error 
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -20,11 +22,21 @@ __all__ = [
     "ConfigError",
     "NonNegativeFloat",
     "NonNegativeInt",
+    "OneLineErrorParser",
     "PositiveFloat",
     "PositiveInt",
     "argument_defaults",
     "check_arguments",
 ]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line naming it and exit 2, like ``python -m lit_impala`` (argparse's
+    default prints the whole usage first). The launcher's and the benchmarks' command lines."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 class ConfigError(ValueError):

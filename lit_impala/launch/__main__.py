@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lit_impala.config import OneLineErrorParser
 from lit_impala.launch import grid
 from lit_impala.launch.check import check_settings
 from lit_impala.launch.executors import Interrupted, launch
@@ -37,15 +38,6 @@ EXECUTORS = ("local", "slurm", "submitit-local")  # submitit-local: submitit's l
 SUBMITIT_GENERIC = ("name", "timeout_min", "mem_gb", "nodes", "cpus_per_task", "gpus_per_node", "tasks_per_node",
                     "stderr_to_stdout")
 DEFAULT_JOB_MINUTES = 60  # submitit's default is 5; a run its time limit cuts resumes when the command is typed again
-
-
-class OneLineErrorParser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line naming it and exit 2, like ``python -m lit_impala`` (argparse's
-    default prints the whole usage first)."""
-
-    def error(self, message: str):
-        print(f"{self.prog}: error: {message}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
 
 
 def build_parser() -> OneLineErrorParser:

@@ -2,8 +2,10 @@
 and resumed (each fit process logs a version of its own)."""
 
 import math
+from pathlib import Path
 
 from benchmarks import learning
+from lit_impala.launch.runs import absolute_config_paths
 
 
 def test_a_seed_is_a_launcher_run_recorded_with_its_budget(tmp_path):
@@ -56,7 +58,8 @@ def test_a_seed_runs_with_the_repository_configs_and_records_them_relative():
     assert arguments[:4] == ["fit", "--config", "configs/minatar.yaml", "--config=configs/cartpole_ddp.yaml"]
     assert "--seed_everything=1" in arguments
     assert f"--trainer.max_steps={learning.updates_for(1e5, learning.REPO / task.config, task.overrides)}" in arguments
-    absolute = learning.with_repository_paths(arguments)
+    base = learning.seed_run("t", task, 1, 1e5, Path("/w")).base  # the launcher makes config paths absolute from it
+    absolute = absolute_config_paths(arguments, base)
     assert absolute[:4] == ["fit", "--config", str(learning.REPO / "configs" / "minatar.yaml"),
                             f"--config={learning.REPO / 'configs' / 'cartpole_ddp.yaml'}"]
     assert absolute[4:] == arguments[4:]
