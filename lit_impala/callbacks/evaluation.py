@@ -89,10 +89,10 @@ class EvaluationCallback(L.Callback):
     says by default, a fixed policy gives fixed returns). An evaluation that fails (e.g. an env that cannot
     render) stops training with its error when it is collected: every later one would fail alike.
 
-    The evaluation of the final weights runs in ``teardown``: after the last collective of the run
-    (the final checkpoint), once the actors are shut down, so it neither holds the other ranks nor
-    competes with the actors for CPU. It is skipped when training failed or was interrupted by
-    Ctrl-C / SIGTERM (the user asked to stop).
+    The evaluation of the final weights starts when training ends (``on_train_end``), in the background while the
+    actors shut down and the final checkpoint is written, and is logged in ``teardown``: the run's exit waits for
+    the longer of the two only. Being on rank zero alone and in a thread, it holds no other rank. It is skipped when
+    training failed or was interrupted by Ctrl-C / SIGTERM (the user asked to stop).
 
     Args:
         every_n_steps: evaluate after every this many learner updates (``trainer.global_step``).
@@ -139,16 +139,21 @@ class EvaluationCallback(L.Callback):
         if due and self._running is None:
             self._running = self._start(trainer, pl_module, step, background=True)
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Lightning calls teardown after a run that ended normally only (on_exception otherwise).
-        if stage != "fit" or not trainer.is_global_zero:
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The final weights are evaluated in the background while the actors shut down and the final checkpoint is
+        # written: the user waits for the longer of the two, not for both. teardown collects it.
+        if not trainer.is_global_zero:
             return
         self._log_if_finished(trainer, wait=True)
         if self.eval_at_end and trainer.global_step != self._last_started_step and not _interrupted(trainer):
-            self._running = self._start(
-                trainer, pl_module, trainer.global_step, background=False
-            )  # end of training: waiting is fine
-            self._log_if_finished(trainer, wait=True)
+            self._running = self._start(trainer, pl_module, trainer.global_step, background=True)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning calls teardown after a run that ended normally only (on_exception otherwise); the data module's
+        # teardown (the actors' shutdown) comes before this one.
+        if stage != "fit" or not trainer.is_global_zero:
+            return
+        self._log_if_finished(trainer, wait=True)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # Never join here: the run is failing and an episode may take long. The daemon thread dies with the process.
