@@ -29,13 +29,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import CheckpointIO
 
 from lit_impala import checkpoints, interrupts
-from lit_impala.callbacks import EpisodeStats
+from lit_impala.actors.preloaded_start import start_preloaded_forkserver
+from lit_impala.callbacks import EpisodeStats, PhaseTimes
+from lit_impala.callbacks.phase_times import process_age
 from lit_impala.checkpoint_io import CheckpointFiles
 from lit_impala.config import ConfigError, argument_defaults
 from lit_impala.data import ImpalaDataModule
 from lit_impala.envs.finite import NonFiniteEnvData
 from lit_impala.learner import ImpalaModule
 from lit_impala.schedule import budget_problem
+
+IMPORTS_DONE_AGE = process_age()  # the command's imports end here (the phase times' first phase)
 
 FULL_ERROR_ENV = "LIT_IMPALA_FULL_ERROR"  # "1": a configuration error shows its traceback (as HYDRA_FULL_ERROR)
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -56,6 +60,12 @@ TRAINER_DEFAULTS = {
 
 class ImpalaCLI(LightningCLI):
     resume_point: checkpoints.ResumePoint | None = None  # the checkpoint this command starts from, read once
+
+    def __init__(self, *args, phase_times: PhaseTimes | None = None, preload_actors: bool = False, **kwargs):
+        # Times from this call unless the command gives its own (from process start, imports included).
+        self.phase_times = phase_times if phase_times is not None else PhaseTimes(origin_age=process_age())
+        self.preload_actors = preload_actors  # the command: actors forked from a preloaded server
+        super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("data.observation_shape", "model.observation_shape", apply_on="instantiate")
@@ -97,6 +107,9 @@ class ImpalaCLI(LightningCLI):
                 self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
+        if self.preload_actors and self.subcommand == "fit":
+            # The arguments parsed: the actors' imports now overlap the set-up below (actors.preloaded_start).
+            start_preloaded_forkserver()
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = config.get("trainer")
         if trainer is None:
@@ -126,7 +139,9 @@ class ImpalaCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, list) else [plugins]
         if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
             plugins.append(CheckpointFiles(trust=bool(config.get("trust_checkpoint"))))
-        return super().instantiate_trainer(**{"plugins": plugins, **kwargs})
+        trainer = super().instantiate_trainer(**{"plugins": plugins, **kwargs})
+        trainer.callbacks.append(self.phase_times)
+        return trainer
 
     def before_fit(self) -> None:
         check_run_settings(self.trainer, self.model, self.datamodule)
@@ -188,7 +203,7 @@ def main(args: list[str] | None = None) -> None:
     a configuration error is one line and exit code 2."""
     quiet_third_party_start_up()
     try:
-        cli_main(args)
+        cli_main(args, phase_times=PhaseTimes(imports_done_age=IMPORTS_DONE_AGE), preload_actors=True)
     except (argparse.ArgumentError, ConfigError) as error:
         if os.environ.get(FULL_ERROR_ENV) == "1":
             raise
@@ -298,7 +313,8 @@ def check_run_settings(trainer, model, datamodule) -> None:
 
 
 def fit_summary(trainer) -> list[str]:
-    """What ``fit`` prints at the end: progress over all ranks, where the logs and checkpoints are."""
+    """What ``fit`` prints at the end: progress over all ranks, where the logs and checkpoints are, and the seconds
+    each phase took (``PhaseTimes``)."""
     stats = EpisodeStats.of(trainer)
     progress = stats.progress if stats is not None else None  # summed over DDP ranks
     if progress is None and stats is not None:  # no update in this run (a budget the checkpoint already reached)
@@ -314,6 +330,8 @@ def fit_summary(trainer) -> list[str]:
         lines.append(f"Logs ({type(logger).__name__}): {_log_location(logger)}")
     if trainer.checkpoint_callback is not None and trainer.checkpoint_callback.dirpath:
         lines.append(f"Checkpoints: {trainer.checkpoint_callback.dirpath}")
+    if (phase_times := PhaseTimes.of(trainer)) is not None:
+        lines.append(phase_times.line())
     return lines
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from tests.conftest import REPO
 
+FORK_SERVER = "multiprocessing.forkserver"  # in the fork server's command line (and its forks', which inherit it)
+
 
 @dataclass
 class CliRun:
@@ -25,7 +27,9 @@ class CliRun:
     stderr: str
     wall_s: float
     descendants: set[int] = field(default_factory=set)  # every pid seen below the command's process
-    spawned_actors: int = 0  # of those, multiprocessing children (actor processes, DDP's are not spawned)
+    descendant_commands: dict[int, str] = field(default_factory=dict)  # their command lines
+    spawned_actors: int = 0  # of those, multiprocessing children (actor processes, DDP's are not spawned): spawned,
+    # or forked by the command's fork server (lit_impala.actors.preloaded_start)
     interrupted_after_s: float | None = None  # time from the signal to the exit
     args: list[str] = field(default_factory=list)  # what was typed after `python -m <module>`
 
@@ -67,6 +71,7 @@ def run_lit_impala(
                                    stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
         parent = psutil.Process(process.pid)
         descendants: dict[int, str] = {}
+        parents: dict[int, int] = {}
         interrupted_at = None
         interrupts_sent = 0
         while process.poll() is None:
@@ -75,6 +80,7 @@ def run_lit_impala(
                     if child.pid not in descendants:
                         try:
                             descendants[child.pid] = " ".join(child.cmdline())
+                            parents[child.pid] = child.ppid()
                         except psutil.Error:
                             descendants[child.pid] = ""
             except psutil.Error:
@@ -100,10 +106,38 @@ def run_lit_impala(
         stderr=err_path.read_text(),
         wall_s=wall_s,
         descendants=set(descendants),
-        spawned_actors=sum("spawn_main" in cmdline for cmdline in descendants.values()),
+        descendant_commands=dict(descendants),
+        spawned_actors=sum("spawn_main" in cmdline or (FORK_SERVER in cmdline
+                                                        and parents.get(pid) in _fork_servers(descendants, parents))
+                           for pid, cmdline in descendants.items()),
         interrupted_after_s=None if interrupted_at is None else time.monotonic() - interrupted_at,
         args=list(args),
     )
+
+
+def _fork_servers(commands: dict[int, str], parents: dict[int, int]) -> set[int]:
+    """The fork servers among processes. Their forks, the actors, inherit the command line (a program a server runs,
+    such as a library's version check while it imports, does not)."""
+    return {pid for pid, command in commands.items()
+            if FORK_SERVER in command and FORK_SERVER not in commands.get(parents.get(pid), "")}
+
+
+def is_actor_process(process: psutil.Process) -> bool:
+    """A child started by multiprocessing's spawn, or forked by the command's fork server (actors.preloaded_start);
+    a short-lived child that ended (or is a zombie not yet reaped) between the listing and this look is not one (it
+    raised psutil.ZombieProcess here once, at random)."""
+    try:
+        command = " ".join(process.cmdline())
+        if "spawn_main" in command:
+            return True
+        if FORK_SERVER not in command:  # a program a fork server runs (a library's check while it imports)
+            return False
+        parent = process.parent()
+        grandparent = parent.parent() if parent is not None else None
+        return (parent is not None and FORK_SERVER in " ".join(parent.cmdline())
+                and not (grandparent is not None and FORK_SERVER in " ".join(grandparent.cmdline())))
+    except psutil.NoSuchProcess:  # ZombieProcess included
+        return False
 
 
 def assert_all_gone(pids: set[int], within_s: float = 10.0) -> None:

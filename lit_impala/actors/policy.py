@@ -151,13 +151,14 @@ def _exit_when_orphaned(parent_pid: int, period_s: float = 1.0) -> None:
 
 def prepare_actor_process() -> None:
     """Run first in each actor process: Ctrl-C is the learner's to handle, and an orphaned actor exits."""
-    parent = multiprocessing.parent_process()
-    if parent is not None:
+    if multiprocessing.parent_process() is not None:
         # Ctrl-C reaches the whole process group; the learner owns the actors and shuts them down
         # itself after its last update (callbacks.GracefulInterrupt), so actors ignore SIGINT.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        # A learner killed with SIGKILL cannot shut anything down: the actor notices it is orphaned.
-        threading.Thread(target=_exit_when_orphaned, args=(parent.pid,), daemon=True, name="orphan-watch").start()
+        # A learner killed with SIGKILL cannot shut anything down: the actor notices it is orphaned. The process
+        # the OS made it a child of: the learner (spawned) or the fork server (actors.preloaded_start), which ends
+        # with the learner.
+        threading.Thread(target=_exit_when_orphaned, args=(os.getppid(),), daemon=True, name="orphan-watch").start()
 
 
 def make_acting_policy(network_factory: Callable[[], nn.Module], mailbox: WeightMailbox) -> ActingPolicy:

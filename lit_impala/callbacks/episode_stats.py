@@ -68,6 +68,7 @@ class EpisodeStats(L.Callback):
         self.episode_lengths: deque[float] = deque(maxlen=return_window)
         self.nonfinite_episodes = 0  # finished episodes left out of the window for a NaN or infinite return
         self.progress: Progress | None = None  # over all ranks, as of the last update
+        self.target_reached = False  # stop_at_return was reached (the run stops at this update)
         self._clock: tuple[float, float, int, float] | None = None  # (time, frames, step, waited) at the last log
         self._batch_end_time: float | None = None
         self._train_start: float | None = None  # when this process asked for its first batch
@@ -107,7 +108,7 @@ class EpisodeStats(L.Callback):
                 f"Reached a mean return of {progress.mean_return:.1f} over the last {progress.episodes} episodes "
                 f"(target {target}) after {int(progress.env_frames)} env frames and {update} updates: stopping."
             )
-            trainer.should_stop = True
+            trainer.should_stop = self.target_reached = True
         if trainer.max_steps is not None and 0 < trainer.max_steps <= update:
             # Lightning writes a step's metrics to the loggers every log_every_n_steps or when should_stop is
             # set: setting it now makes the last update's row reach the loggers (the run ends either way).

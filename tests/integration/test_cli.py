@@ -15,7 +15,7 @@ import yaml
 from lit_impala.callbacks import EpisodeStats
 from lit_impala.cli import FULL_ERROR_ENV, ConfigError, cli_main
 from lit_impala.wandb_history import read_history
-from tests.cli_runner import run_lit_impala
+from tests.cli_runner import FORK_SERVER, run_lit_impala
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
@@ -68,6 +68,25 @@ def test_fit_smoke_with_the_shipped_config(tmp_path, capsys):
     assert max(row.get("progress/env_frames", 0) for row in history) == 6 * 5 * 4
     # ModelCheckpoint never saved before the end, so it writes last.ckpt itself: FinalCheckpoint adds no last-v1.ckpt
     assert [path.name for path in tmp_path.rglob("last*.ckpt")] == ["last.ckpt"], "one final checkpoint"
+
+
+PHASES = ("imports", "set-up", "first rollout", "first update", "target reached", "end of fit")
+
+
+def test_fit_ends_with_the_seconds_of_each_phase(tmp_path):
+    """The shipped CartPole config as typed, to a low target: the last line says when each phase ended, from process
+    start, in order and within the wall time measured outside; its 2 actors are forks of the preloaded server."""
+    run = run_lit_impala(["fit", "--config", CONFIG, "--trainer.enable_progress_bar=false",
+                          "--episode_stats.stop_at_return=25", "--trainer.max_steps=300"], tmp_path)
+    assert run.returncode == 0, run.tail()
+    line = next((line for line in run.stdout.splitlines() if line.startswith("Seconds from process start: ")), None)
+    assert line is not None, run.tail()
+    found = re.findall(r"([a-z -]+) (\d+\.\d)(?:,|$)", line.removeprefix("Seconds from process start: "))
+    assert tuple(name.strip() for name, _ in found) == PHASES, line
+    seconds = [float(value) for _, value in found]
+    assert seconds == sorted(seconds) and 0 < seconds[0] and seconds[-1] <= run.wall_s, (line, run.wall_s)
+    assert run.spawned_actors == 2, run.descendant_commands
+    assert any(FORK_SERVER in cmdline for cmdline in run.descendant_commands.values()), run.descendant_commands
 
 
 def test_passes_per_batch_takes_more_updates_and_counts_each_frame_once(tmp_path):

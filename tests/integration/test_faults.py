@@ -11,6 +11,7 @@ import torch
 from lit_impala.cli import cli_main
 from lit_impala.data import ImpalaDataModule
 from lit_impala.learner import ImpalaModule
+from tests.cli_runner import is_actor_process
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
@@ -26,7 +27,7 @@ class InitialWeights(L.Callback):
 
 
 def spawned_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True) if _is_spawned_worker(p)]
+    return [p for p in psutil.Process(os.getpid()).children(recursive=True) if is_actor_process(p)]
 
 
 def test_nonfinite_updates_are_skipped_then_stop_the_run_with_the_last_finite_weights(tmp_path, monkeypatch):
@@ -91,15 +92,6 @@ def test_a_few_nonfinite_updates_are_skipped_and_counted(tmp_path):
     assert not spawned_children()
 
 
-def _is_spawned_worker(process: psutil.Process) -> bool:
-    """A child started by multiprocessing's spawn; a short-lived child that ended (or is a zombie not yet reaped)
-    between the listing and this look is not one (it raised psutil.ZombieProcess here once, at random)."""
-    try:
-        return "spawn_main" in " ".join(process.cmdline())
-    except psutil.NoSuchProcess:  # ZombieProcess included
-        return False
-
-
 @pytest.mark.parametrize("inference", ["actor", "server"])
 def test_actors_exit_when_the_learner_is_killed(tmp_path, inference):
     """SIGKILL leaves the learner no chance to shut its actors down: they must notice by themselves."""
@@ -130,7 +122,7 @@ def test_actors_exit_when_the_learner_is_killed(tmp_path, inference):
         actors: list[psutil.Process] = []
         while len(actors) < 2:
             assert process.poll() is None and time.monotonic() < deadline, "the actors never started"
-            actors = [p for p in psutil.Process(process.pid).children(recursive=True) if _is_spawned_worker(p)]
+            actors = [p for p in psutil.Process(process.pid).children(recursive=True) if is_actor_process(p)]
             time.sleep(0.2)
         time.sleep(3.0)  # training under way
         process.send_signal(signal.SIGKILL)
