@@ -3,7 +3,8 @@
 
 Each seed runs ``python -m lit_impala fit --config CONFIG --seed_everything S`` as a fresh process (so
 the time includes interpreter start-up, imports, actor start-up and the first weights), with W&B
-offline as configured; the frame count and return come from the run's own stopping line.
+offline as configured; the frame count and return come from the run's own stopping line, and the seconds to each
+phase from the line ``fit`` ends with.
 
     python -m benchmarks.time_to_solve --config configs/cartpole.yaml --seeds 0 1 2
 """
@@ -19,6 +20,8 @@ import time
 
 from benchmarks.common import print_table, write_result
 
+PHASE_LINE = re.compile(r"^Seconds from process start: (?P<phases>.*)$", re.MULTILINE)
+PHASE = re.compile(r"(?P<name>[a-z][a-z -]*?) (?P<seconds>\d+\.\d)(?:, |$)")
 REACHED = re.compile(
     r"Reached a mean return of (?P<ret>[-\d.]+) over the last \d+ episodes \(target [-\d.]+\) "
     r"after (?P<frames>\d+) env frames and (?P<updates>\d+) updates"
@@ -32,6 +35,8 @@ def solve_once(config: str, seed: int, overrides: list[str], timeout: float) -> 
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
     wall = time.perf_counter() - start
     match = REACHED.search(completed.stdout)
+    phase_line = PHASE_LINE.search(completed.stdout)  # the run's own line (callbacks.PhaseTimes)
+    phases = {m["name"]: float(m["seconds"]) for m in PHASE.finditer(phase_line["phases"])} if phase_line else {}
     if completed.returncode != 0:
         raise RuntimeError(f"seed {seed}: exit code {completed.returncode}\n{completed.stderr[-3000:]}")
     return {
@@ -41,6 +46,7 @@ def solve_once(config: str, seed: int, overrides: list[str], timeout: float) -> 
         "frames": int(match["frames"]) if match else None,
         "updates": int(match["updates"]) if match else None,
         "mean_return": float(match["ret"]) if match else None,
+        "phases": phases,  # seconds from process start to the end of each phase, as the run printed them
         "command": " ".join(command),
     }
 
@@ -73,6 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(["range", "", f"{min(walls):.1f}-{max(walls):.1f}", f"{min(frames)}-{max(frames)}", ""])
     print_table(f"Time to solve ({args.config}), wall from process start",
                 ["seed", "solved", "wall s", "frames", "return"], rows)
+    names = list(dict.fromkeys(name for run in runs for name in run["phases"]))
+    if names:  # the median of each phase's end over the seeds, then the process's exit as measured from outside
+        summary["phases_median"] = {name: statistics.median(r["phases"][name] for r in runs if name in r["phases"])
+                                    for name in names}
+        print_table("Phases: median seconds from process start to the end of each",
+                    ["phase", "median s"], [*summary["phases_median"].items(),
+                                            ("exit", statistics.median(r["wall_seconds"] for r in runs))])
     result = {"config": args.config, "overrides": overrides, "runs": runs, **summary}
     write_result("time_to_solve", result)
     return result

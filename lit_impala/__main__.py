@@ -1,15 +1,18 @@
 """``python -m lit_impala`` and the ``lit-impala`` command: the LightningCLI (``cli.main``: configuration errors as
 one line, exit 2). A ``fit`` first shields its start-up from Ctrl-C, before the heavy imports start their threads
-(``lit_impala.interrupts``): so the CLI is imported only after that."""
+(``lit_impala.interrupts``), then starts the server its actor processes are forked from, which imports torch and
+torchrl while this process imports Lightning (``actors.preloaded_start``): so the CLI is imported only after that."""
 
 import sys
 
 from lit_impala import interrupts
+from lit_impala.actors.preloaded_start import start_preloaded_forkserver
 
 
 def main() -> None:
     if interrupts.is_fit(sys.argv[1:]):
         interrupts.shield_child_processes()
+        start_preloaded_forkserver()  # after the shield: the server and its forks ignore Ctrl-C from the start
     from lit_impala.cli import main as run_cli
 
     run_cli()

@@ -29,7 +29,6 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import CheckpointIO
 
 from lit_impala import checkpoints, interrupts
-from lit_impala.actors.preloaded_start import start_preloaded_forkserver
 from lit_impala.callbacks import EpisodeStats, PhaseTimes
 from lit_impala.callbacks.phase_times import process_age
 from lit_impala.checkpoint_io import CheckpointFiles
@@ -61,10 +60,9 @@ TRAINER_DEFAULTS = {
 class ImpalaCLI(LightningCLI):
     resume_point: checkpoints.ResumePoint | None = None  # the checkpoint this command starts from, read once
 
-    def __init__(self, *args, phase_times: PhaseTimes | None = None, preload_actors: bool = False, **kwargs):
+    def __init__(self, *args, phase_times: PhaseTimes | None = None, **kwargs):
         # Times from this call unless the command gives its own (from process start, imports included).
         self.phase_times = phase_times if phase_times is not None else PhaseTimes(origin_age=process_age())
-        self.preload_actors = preload_actors  # the command: actors forked from a preloaded server
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -107,9 +105,6 @@ class ImpalaCLI(LightningCLI):
                 self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
 
     def before_instantiate_classes(self) -> None:
-        if self.preload_actors and self.subcommand == "fit":
-            # The arguments parsed: the actors' imports now overlap the set-up below (actors.preloaded_start).
-            start_preloaded_forkserver()
         config = self.config.get(self.subcommand, self.config) if self.subcommand else self.config
         trainer = config.get("trainer")
         if trainer is None:
@@ -203,7 +198,7 @@ def main(args: list[str] | None = None) -> None:
     a configuration error is one line and exit code 2."""
     quiet_third_party_start_up()
     try:
-        cli_main(args, phase_times=PhaseTimes(imports_done_age=IMPORTS_DONE_AGE), preload_actors=True)
+        cli_main(args, phase_times=PhaseTimes(imports_done_age=IMPORTS_DONE_AGE))
     except (argparse.ArgumentError, ConfigError) as error:
         if os.environ.get(FULL_ERROR_ENV) == "1":
             raise

@@ -1,7 +1,8 @@
 """Actor processes that start in a fraction of a second: forked from a server process that has already imported
-what an actor runs (torch, torchrl's collectors, our envs and policy). The command starts the server once its
-arguments are parsed (a mistyped one starts nothing), so that the server's imports overlap the learner's set-up (the
-model, the env's description, the logger) instead of following it.
+what an actor runs (torch, torchrl's collectors, our envs and policy). ``python -m lit_impala fit`` starts the server
+first thing, so that its imports overlap the learner's (Lightning's, ~4 s) instead of following the learner's
+set-up. The server runs no code of the run before an actor is asked for: a configuration error still ends the
+command before any actor starts, and the server ends with the learner (``fork_server_tie``).
 
 Python's ``forkserver`` start method with ``set_forkserver_preload``. Without it (a notebook, a test calling
 ``cli.cli_main``, or ``MP_START_METHOD`` set to another method, torchrl's switch) actors are spawned as torchrl does
@@ -21,14 +22,14 @@ PRELOAD = ["lit_impala.actors.fork_server_tie", "lit_impala.actors.local"]
 
 
 def start_preloaded_forkserver() -> bool:
-    """Make actors forks of a server that imports ``PRELOAD`` from now on, in the background. False (nothing
-    changed) where the user chose another start method (``MP_START_METHOD``) or the platform has no fork server."""
-    if os.environ.get("MP_START_METHOD", "forkserver") != "forkserver":
+    """Make actors forks of a server that imports ``PRELOAD`` from now on, in the background. Call before torchrl is
+    imported: torchrl sets the start method from ``MP_START_METHOD`` (its switch) when imported, and its collectors
+    start processes with the default one. False (nothing changed) where the user chose another start method there or
+    the platform has no fork server."""
+    method = os.environ.setdefault("MP_START_METHOD", "forkserver")
+    if method != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
         return False
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
-    # torchrl set "spawn" when imported; its collectors start processes with the default context.
-    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_start_method("forkserver")
     multiprocessing.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()
     return True
