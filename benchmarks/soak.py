@@ -38,6 +38,7 @@ from pathlib import Path
 import psutil
 
 from benchmarks.common import OneLineErrorParser, print_table, write_result
+from lit_impala.actors.preloaded_start import FORK_SERVER_COMMAND
 
 SCENARIOS = {
     "ddp": ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"],
@@ -62,13 +63,12 @@ def role(process: psutil.Process, learner_pid: int) -> str:
         return "wandb"
     if "spawn_main" in command:
         return "actor"  # a local actor process or a remote actor node (the "mp" launcher spawns both)
-    if "multiprocessing.forkserver" in command:  # the command's actors are forks of it (actors.preloaded_start)
+    if FORK_SERVER_COMMAND in command:  # the command's actors are forks of the server (actors.preloaded_start)
         parent = process.parent()  # forks of the server, and their children, inherit its command line
-        if parent is None or "multiprocessing.forkserver" not in " ".join(parent.cmdline()):
+        if parent is None or FORK_SERVER_COMMAND not in " ".join(parent.cmdline()):
             return "fork_server"
         grandparent = parent.parent()
-        return "actor" if grandparent is None or "multiprocessing.forkserver" not in " ".join(
-            grandparent.cmdline()) else "other"
+        return "actor" if grandparent is None or FORK_SERVER_COMMAND not in " ".join(grandparent.cmdline()) else "other"
     if "lit_impala" in command and environment.get("LOCAL_RANK"):
         return f"rank{environment['LOCAL_RANK']}"
     return Path(process.cmdline()[0]).name if process.cmdline() else "other"

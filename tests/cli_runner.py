@@ -15,9 +15,10 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lit_impala.actors.preloaded_start import FORK_SERVER_COMMAND
 from tests.conftest import REPO
 
-FORK_SERVER = "multiprocessing.forkserver"  # in the fork server's command line (and its forks', which inherit it)
+FORK_SERVER = FORK_SERVER_COMMAND  # in the fork server's command line (and its forks', which inherit it)
 
 
 @dataclass

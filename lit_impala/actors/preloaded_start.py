@@ -19,13 +19,15 @@ import os
 # (lit_impala.actors.local brings torch, torchrl's collectors, envs.factory and actors.policy); envpool, MuJoCo and
 # the like stay per-run imports, made in the actor that needs them.
 PRELOAD = ["lit_impala.actors.fork_server_tie", "lit_impala.actors.local"]
+FORK_SERVER_COMMAND = "multiprocessing.forkserver"  # in the server's command line, and so in its forks' (the actors)
 
 
 def start_preloaded_forkserver() -> bool:
     """Make actors forks of a server that imports ``PRELOAD`` from now on, in the background. Call before torchrl is
     imported: torchrl sets the start method from ``MP_START_METHOD`` (its switch) when imported, and its collectors
-    start processes with the default one. False (nothing changed) where the user chose another start method there or
-    the platform has no fork server."""
+    start processes with the default one; the variable stays set for this process's children (DDP ranks start their
+    own server). False (nothing changed) where the user chose another start method there or the platform has no fork
+    server."""
     method = os.environ.setdefault("MP_START_METHOD", "forkserver")
     if method != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
         return False

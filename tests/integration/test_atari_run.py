@@ -16,7 +16,7 @@ from tests.conftest import REPO  # noqa: E402
 def test_pong_config_trains_end_to_end_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli = cli_main([
-        "fit", "--config", str(REPO / "configs" / "atari_pong.yaml"),
+        "fit", "--config", str(REPO / "configs" / "atari.yaml"), "--data.env_id=ALE/Pong-v5",
         "--trainer.max_steps=4", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", "--trainer.callbacks=null",
         "--data.num_actors=1", "--data.envs_per_actor=2", "--data.unroll_length=10", "--data.batch_size=2",
