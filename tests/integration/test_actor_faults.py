@@ -9,13 +9,14 @@ import psutil
 import pytest
 
 from lit_impala.cli import cli_main
+from tests.cli_runner import is_actor_process
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
 
 
 def spawned_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process(os.getpid()).children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+    return [p for p in psutil.Process(os.getpid()).children(recursive=True) if is_actor_process(p)]
 
 
 class KillOneActor(L.Callback):

@@ -26,6 +26,7 @@ from lit_impala.core.networks import ActorCriticMLP
 from lit_impala.data import ImpalaDataModule, UnrollStream
 from lit_impala.learner import ImpalaModule
 from lit_impala.schema import BATCH_KEYS, CORE_STATE_KEYS, REPLAYED_KEY, to_time_major
+from tests.cli_runner import is_actor_process
 from tests.conftest import REPO
 
 NUM_ACTORS, ENVS_PER_ACTOR, UNROLL_LENGTH, BATCH_SIZE, STEPS = 2, 4, 10, 4, 4
@@ -63,8 +64,9 @@ def _value_under(network, rollout):
 
 
 def _actor_processes():
-    # torchrl's "mp" launcher starts the nodes with spawn; the resource tracker is not an actor.
-    return [p for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())]
+    # torchrl's "mp" launcher starts the nodes (spawned, or forks of the tests' fork server: tests/conftest.py); the
+    # resource tracker and the fork server are not actors.
+    return [p for p in psutil.Process().children(recursive=True) if is_actor_process(p)]
 
 
 def _assert_all_gone(processes, within_s=10.0):
@@ -213,7 +215,7 @@ def test_the_yaml_switch_trains_with_remote_actors_through_the_cli(tmp_path, mon
     while time.monotonic() < deadline:
         # actor nodes are multiprocessing children (W&B's service, started by other tests, is not one)
         left = [p for p in psutil.Process().children(recursive=True)
-                if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
+                if p.status() != psutil.STATUS_ZOMBIE and is_actor_process(p)]
         if not left:
             break
         time.sleep(0.2)
@@ -223,7 +225,7 @@ def test_the_yaml_switch_trains_with_remote_actors_through_the_cli(tmp_path, mon
 def _spawned_children():
     # actor nodes are multiprocessing children (W&B's service, started by other tests, is not one)
     return [p for p in psutil.Process().children(recursive=True)
-            if p.status() != psutil.STATUS_ZOMBIE and "spawn_main" in " ".join(p.cmdline())]
+            if p.status() != psutil.STATUS_ZOMBIE and is_actor_process(p)]
 
 
 class KillRemoteNodes(L.Callback):
