@@ -31,7 +31,11 @@ def start_preloaded_forkserver() -> bool:
     method = os.environ.setdefault("MP_START_METHOD", "forkserver")
     if method != "forkserver" or "forkserver" not in multiprocessing.get_all_start_methods():
         return False
-    multiprocessing.set_start_method("forkserver")
+    current = multiprocessing.get_start_method(allow_none=True)
+    if current not in (None, "forkserver"):  # already chosen: torchrl imported first, or the caller's own choice
+        return False
+    if current is None:  # a second call (a test module a run imports calls it too) changes nothing
+        multiprocessing.set_start_method("forkserver")
     multiprocessing.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()
     return True
