@@ -78,12 +78,14 @@ def run_lit_impala(
         while process.poll() is None:
             try:
                 for child in parent.children(recursive=True):
-                    if child.pid not in descendants:
+                    # A look that failed (a process caught mid-start under load) is tried again at the next poll.
+                    if not descendants.get(child.pid) or child.pid not in parents:
                         try:
-                            descendants[child.pid] = " ".join(child.cmdline())
-                            parents[child.pid] = child.ppid()
+                            command, ppid = " ".join(child.cmdline()), child.ppid()
                         except psutil.Error:
-                            descendants[child.pid] = ""
+                            descendants.setdefault(child.pid, "")
+                        else:
+                            descendants[child.pid], parents[child.pid] = command, ppid
             except psutil.Error:
                 pass
             if watch is not None:
