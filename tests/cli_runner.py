@@ -78,13 +78,14 @@ def run_lit_impala(
         while process.poll() is None:
             try:
                 for child in parent.children(recursive=True):
-                    # A look that failed (a process caught mid-start under load) is tried again at the next poll.
-                    if not descendants.get(child.pid) or child.pid not in parents:
-                        try:
-                            command, ppid = " ".join(child.cmdline()), child.ppid()
-                        except psutil.Error:
-                            descendants.setdefault(child.pid, "")
-                        else:
+                    # Read again at every poll: a process caught mid-start (a fork of the fork server before it runs
+                    # another program, or one whose /proc entry is not readable yet) shows what it is a poll later.
+                    try:
+                        command, ppid = " ".join(child.cmdline()), child.ppid()
+                    except psutil.Error:
+                        descendants.setdefault(child.pid, "")
+                    else:
+                        if command or child.pid not in descendants:  # a zombie's command line reads empty: kept
                             descendants[child.pid], parents[child.pid] = command, ppid
             except psutil.Error:
                 pass
