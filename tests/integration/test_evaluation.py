@@ -117,7 +117,7 @@ def test_write_video_enlarges_a_small_grid_into_sharp_blocks(tmp_path):
 
 def test_a_minatar_episode_is_recorded_in_colour_not_black():
     """MinAtar renders float frames in [0, 1]: recorded as uint8 0-255 (a cast alone would make every pixel 0)."""
-    pytest.importorskip("minatar")
+    pytest.importorskip("minatar", reason="MinAtar needs the minatar extra: pip install -e '.[minatar]'")
     from lit_impala.envs.factory import action_space_spec, describe_env
     from lit_impala.learner import ImpalaModule
 
