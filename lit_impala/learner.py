@@ -128,7 +128,7 @@ class ImpalaModule(L.LightningModule):
         self,
         observation_shape: list[int],
         action_space: dict,
-        encoder: Literal["mlp", "resnet", "nature", "minatar"] = "mlp",
+        encoder: Literal["mlp", "resnet", "nature", "rllib", "minatar"] = "mlp",
         hidden_dim: PositiveInt = 64,
         feature_dim: PositiveInt = 64,
         use_lstm: bool = False,

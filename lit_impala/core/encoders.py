@@ -1,8 +1,8 @@
 """Observation encoders ``[N, *obs] -> [N, feature_dim]`` and the running observation normaliser.
 
 Plain ``nn.Module``s used by ``core.networks.ImpalaAgent``: an MLP for vectors, the IMPALA paper's deep
-ResNet and DQN's Nature CNN for images, the MinAtar paper's small CNN for 10x10 images (uint8 pixels are
-scaled on the learner's device).
+ResNet, DQN's Nature CNN and RLlib's small CNN for images, the MinAtar paper's small CNN for 10x10 images
+(uint8 pixels are scaled on the learner's device).
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ENCODERS = ("mlp", "resnet", "nature", "minatar")
+ENCODERS = ("mlp", "resnet", "nature", "rllib", "minatar")
 
 # --- encoders: [N, *obs_shape] -> [N, feature_dim] -------------------------------------------------------
 
@@ -117,6 +117,36 @@ class NatureCNNEncoder(nn.Module):
             nn.Flatten(),
         )
         self.fc = nn.Linear(_flat_size(self.convs, observation_shape, "nature"), feature_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.relu(self.fc(self.convs(_scale_pixels(x, self.fc.weight))))
+
+
+def _same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's "same" padding of one axis (before, after): the output is ``ceil(size / stride)`` long."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class RLlibCNNEncoder(nn.Module):
+    """RLlib's default vision network for 42x42 Atari frames (``model: {dim: 42}``, the one its tuned APPO and
+    IMPALA Pong examples use): pixels ``[N, C, H, W]`` (uint8 or float in [0, 1]) -> conv 16 4x4 s2 "same"
+    -> conv 32 4x4 s2 "same" (ReLU each; 42x42 -> 21x21 -> 11x11) -> flatten -> Linear -> ReLU ->
+    ``[N, feature_dim]``. RLlib's last layer is a 256-channel conv whose kernel covers the whole 11x11 map,
+    which is this Linear. Unlike the Nature CNN at 42x42 (whose stride-4 first layer leaves a 1x1 map), it keeps
+    an 11x11 map in which Pong's one-pixel ball still has a place."""
+
+    def __init__(self, observation_shape: tuple[int, int, int], feature_dim: int = 256):
+        super().__init__()
+        self.feature_dim = feature_dim
+        layers, (channels, height, width) = [], observation_shape
+        for out_channels in (16, 32):
+            (top, bottom), (left, right) = _same_padding(height, 4, 2), _same_padding(width, 4, 2)
+            layers += [nn.ZeroPad2d((left, right, top, bottom)), nn.Conv2d(channels, out_channels, 4, stride=2),
+                       nn.ReLU()]
+            channels, height, width = out_channels, -(-height // 2), -(-width // 2)
+        self.convs = nn.Sequential(*layers, nn.Flatten())
+        self.fc = nn.Linear(_flat_size(self.convs, observation_shape, "rllib"), feature_dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.relu(self.fc(self.convs(_scale_pixels(x, self.fc.weight))))

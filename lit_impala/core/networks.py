@@ -20,6 +20,7 @@ from lit_impala.core.encoders import (
     NatureCNNEncoder,
     ObservationNormalizer,
     ResNetEncoder,
+    RLlibCNNEncoder,
 )
 from lit_impala.core.observation_parts import ObservationPart, flat_size, mask_logits, split
 from lit_impala.core.value_normalization import ValueNormalizer
@@ -59,8 +60,8 @@ class ImpalaAgent(nn.Module):
     Args:
         observation_shape: shape of one observation: ``(size,)`` for "mlp", ``(C, H, W)`` for pixels.
         distribution: the action distribution; fixes the policy head's size ``distribution.param_size``.
-        encoder: "mlp" (vectors), "resnet" (IMPALA deep net), "nature" (DQN Nature CNN) or "minatar"
-            (the MinAtar paper's one-conv net, for 10x10 images).
+        encoder: "mlp" (vectors), "resnet" (IMPALA deep net), "nature" (DQN Nature CNN), "rllib"
+            (RLlib's small CNN for 42x42 frames) or "minatar" (the MinAtar paper's one-conv net, for 10x10 images).
         hidden_dim: width of the MLP encoder's hidden layer (unused by pixel encoders).
         feature_dim: encoder output size (the papers use 256 for "resnet", 512 for "nature").
         use_lstm: add an LSTM core between encoder and heads, reset at episode starts.
@@ -323,6 +324,8 @@ def _pixel_encoder(encoder: str, shape: tuple[int, ...], feature_dim: int) -> nn
         return ResNetEncoder(shape, feature_dim)
     if encoder == "minatar":
         return MinAtarEncoder(shape, feature_dim)
+    if encoder == "rllib":
+        return RLlibCNNEncoder(shape, feature_dim)
     return NatureCNNEncoder(shape, feature_dim)
 
 

@@ -166,7 +166,7 @@ BAD_INPUTS = [
     ("--data.env_id=nosuchmodule:Foo-v0", "nosuchmodule"),
     ("--data.hide_observation_indices=[7]", "hide_observation_indices [7] are outside"),
     ("--model.encoder=transformer",
-     "model.encoder: expected one of 'mlp', 'resnet', 'nature', 'minatar', got 'transformer'"),
+     "model.encoder: expected one of 'mlp', 'resnet', 'nature', 'rllib', 'minatar', got 'transformer'"),
     # sizes
     ("--data.unroll_length=0", "data.unroll_length: expected a PositiveInt (v>0), got 0"),
     ("--data.batch_size=0", "data.batch_size: expected a PositiveInt (v>0), got 0"),

@@ -23,7 +23,7 @@ CARTPOLE_FACTS = {"observation_shape": [4], "action_space": {"type": "discrete",
     ({"hidden_dim": 0}, "hidden_dim must be a PositiveInt, got 0"),
     ({"hidden_dim": True}, "hidden_dim must be a PositiveInt, got True"),
     ({"encoder": "transformer"},
-     "encoder must be one of ['mlp', 'resnet', 'nature', 'minatar'], got 'transformer'"),
+     "encoder must be one of ['mlp', 'resnet', 'nature', 'rllib', 'minatar'], got 'transformer'"),
     ({"pg_target": "acme"}, "pg_target must be one of ['paper', 'rlax'], got 'acme'"),
     ({"observation_shape": [4, 0]}, "observation_shape must be positive"),
 ])

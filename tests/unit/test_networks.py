@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from lit_impala.core.distributions import Categorical, DiagGaussian, MultiCategorical
-from lit_impala.core.encoders import NatureCNNEncoder, ObservationNormalizer, ResNetEncoder
+from lit_impala.core.encoders import NatureCNNEncoder, ObservationNormalizer, ResNetEncoder, RLlibCNNEncoder
 from lit_impala.core.networks import ActorCriticMLP, ImpalaAgent
 
 PIXELS = (3, 36, 36)  # the smallest image the Nature CNN accepts: keeps the CPU tests fast
-SHAPES = {"mlp": (5,), "resnet": PIXELS, "nature": PIXELS}
+SHAPES = {"mlp": (5,), "resnet": PIXELS, "nature": PIXELS, "rllib": PIXELS}
 DISTRIBUTIONS = {
     "categorical": Categorical(4),
     "multicategorical": MultiCategorical([2, 3]),
@@ -55,7 +55,7 @@ def test_output_shapes_for_every_encoder_head_and_core(encoder, dist_name, use_l
     copy.deepcopy(agent)  # the actors take private copies
 
 
-@pytest.mark.parametrize("encoder_cls", [ResNetEncoder, NatureCNNEncoder])
+@pytest.mark.parametrize("encoder_cls", [ResNetEncoder, NatureCNNEncoder, RLlibCNNEncoder])
 def test_pixel_encoders_scale_uint8_to_unit_interval(encoder_cls):
     torch.manual_seed(0)
     encoder = encoder_cls(PIXELS, feature_dim=8)
@@ -76,6 +76,20 @@ def test_resnet_has_three_stages_of_16_32_32_channels():
     assert [(p.kernel_size, p.stride, p.padding) for p in pools] == [(3, 2, 1)] * 3
     assert encoder.fc.in_features == 32 * 11 * 11  # 84 -> 42 -> 21 -> 11
     assert encoder(torch.zeros(2, 4, 84, 84, dtype=torch.uint8)).shape == (2, 256)
+
+
+def test_rllib_cnn_is_rllibs_42x42_network_with_tensorflow_same_padding():
+    encoder = RLlibCNNEncoder((4, 42, 42), feature_dim=256)
+    convs = [m for m in encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert [(c.out_channels, c.kernel_size, c.stride, c.padding) for c in convs] == [(16, (4, 4), (2, 2), (0, 0)),
+                                                                                     (32, (4, 4), (2, 2), (0, 0))]
+    # TF "same": 42 -> 21 pads 2 (1 each side), 21 -> 11 pads 3 (1 before, 2 after: the odd one goes last)
+    pads = [m.padding for m in encoder.modules() if isinstance(m, nn.ZeroPad2d)]
+    assert pads == [(1, 1, 1, 1), (1, 2, 1, 2)]
+    assert encoder.fc.in_features == 32 * 11 * 11  # RLlib's last layer: a 256-channel 11x11 "valid" conv
+    # parameters as RLlib's dim-42 filters [[16, 4, 2], [32, 4, 2], [256, 11, 1]] on 4 stacked frames
+    assert sum(p.numel() for p in encoder.parameters()) == (16 * 4 * 16 + 16) + (32 * 16 * 16 + 32) + (256 * 32 * 121 + 256)
+    assert encoder(torch.zeros(2, 4, 42, 42, dtype=torch.uint8)).shape == (2, 256)
 
 
 def test_resnet_blocks_are_residual():
