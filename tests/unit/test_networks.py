@@ -88,7 +88,8 @@ def test_rllib_cnn_is_rllibs_42x42_network_with_tensorflow_same_padding():
     assert pads == [(1, 1, 1, 1), (1, 2, 1, 2)]
     assert encoder.fc.in_features == 32 * 11 * 11  # RLlib's last layer: a 256-channel 11x11 "valid" conv
     # parameters as RLlib's dim-42 filters [[16, 4, 2], [32, 4, 2], [256, 11, 1]] on 4 stacked frames
-    assert sum(p.numel() for p in encoder.parameters()) == (16 * 4 * 16 + 16) + (32 * 16 * 16 + 32) + (256 * 32 * 121 + 256)
+    rllib_parameters = (16 * 4 * 16 + 16) + (32 * 16 * 16 + 32) + (256 * 32 * 121 + 256)
+    assert sum(p.numel() for p in encoder.parameters()) == rllib_parameters
     assert encoder(torch.zeros(2, 4, 42, 42, dtype=torch.uint8)).shape == (2, 256)
 
 
