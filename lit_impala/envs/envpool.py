@@ -3,8 +3,8 @@
 The envs come out as the gymnasium backend's do (``factory.make_vector_env``): the same keys, the same
 episode boundaries. envpool resets a finished env *inside its next step* (that step ignores the action
 and returns the first observation with reward 0): left alone, that is one phantom transition (last
-observation -> first observation) between episodes. Here torchrl resets finished envs explicitly
-(``reset`` with a ``_reset`` mask: envpool's partial reset, after which the next step is a real step),
+observation -> first observation) between episodes. Here finished envs are reset explicitly
+(``envs.episodes.EpisodeEnv`` calls envpool's partial reset, after which the next step is a real step),
 exactly as with gymnasium's disabled autoreset: ``("next", "observation")`` at a ``done`` step is the
 real final observation.
 
@@ -22,12 +22,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 import torch
-from tensordict import TensorDict, TensorDictBase
-from torchrl.data import Categorical, Composite, TensorSpec, Unbounded
-from torchrl.envs import EnvBase
-from torchrl.envs.libs.gym import _gym_to_torchrl_spec_transform, set_gym_backend
 
-from lit_impala.schema import LIFE_LOST_KEY
+from lit_impala.envs.episodes import VectorStep, gym_wrapper_spec
 
 # envs.atari.make_atari_env's options -> envpool's Atari config.
 _ATARI_OPTIONS = {
@@ -116,18 +112,6 @@ def _float32_actions(space: gym.Space) -> gym.Space:
     return space
 
 
-def gym_wrapper_spec(space: gym.Space, categorical: bool = False) -> TensorSpec:
-    """The torchrl spec torchrl's ``GymWrapper`` gives a gymnasium ``space`` (``categorical``: discrete actions as
-    indices), so that the envpool backend describes an env exactly as the gymnasium backend does.
-
-    The one use of a torchrl private name outside ``actors.torchrl_distributed``: torchrl 0.14 converts spaces only
-    in ``torchrl.envs.libs.gym._gym_to_torchrl_spec_transform`` (GymWrapper's own conversion) and has no public
-    function for it. ``tests/unit/test_torchrl_internals.py`` checks that it still gives what GymWrapper gives.
-    """
-    with set_gym_backend("gymnasium"):
-        return _gym_to_torchrl_spec_transform(space, categorical_action_encoding=categorical)
-
-
 def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
     """Observation and action spaces of one envpool env (what ``describe_env`` checks)."""
     task_id, kwargs, _ = envpool_config(env_id, **options)
@@ -140,9 +124,9 @@ def describe_envpool_env(env_id: str, **options) -> tuple[gym.Space, gym.Space]:
         env.close()
 
 
-class EnvpoolEnv(EnvBase):
-    """An envpool env (sync mode: every step steps all ``num_envs``) as a torchrl env with the keys and
-    shapes of ``GymWrapper`` on a gymnasium vector env.
+class EnvpoolVector:
+    """An envpool env (sync mode: every step steps all ``num_envs``) as the ``envs.episodes.VectorEnv`` of
+    ``EpisodeEnv``, which gives it the keys and shapes of ``GymWrapper`` on a gymnasium vector env.
 
     Not torchrl's ``MultiThreadedEnvWrapper``: it leaves finished envs to envpool's in-step reset (the
     phantom transition), and it needs ``treevalue`` and the old ``gym`` package, which envpool 1.2.5
@@ -150,86 +134,68 @@ class EnvpoolEnv(EnvBase):
     """
 
     def __init__(self, env, report_life_loss: bool = False):
-        num_envs = int(env.config["num_envs"])
-        super().__init__(batch_size=torch.Size([num_envs]))
+        self.num_envs = int(env.config["num_envs"])
+        self.reports_life_loss = report_life_loss
         self._env = env
-        self._report_life_loss = report_life_loss
+        self._in_order = np.arange(self.num_envs)
         self._lives: torch.Tensor | None = None
-        self._observation = None
+        self._observation: torch.Tensor | None = None
         action_spec = gym_wrapper_spec(_float32_actions(env.action_space), categorical=True)
         observation_spec = gym_wrapper_spec(env.observation_space)
-        self.action_spec = action_spec.expand(num_envs, *action_spec.shape)
-        self.observation_spec = Composite(observation=observation_spec.expand(num_envs, *observation_spec.shape),
-                                          shape=self.batch_size)
-        if report_life_loss:
-            self.observation_spec[LIFE_LOST_KEY] = Categorical(2, shape=self.batch_size, dtype=torch.bool)
-        self.reward_spec = Unbounded(shape=(num_envs, 1))
-        flag = Categorical(2, shape=(num_envs, 1), dtype=torch.bool)
-        self.done_spec = Composite(done=flag, terminated=flag.clone(), truncated=flag.clone(), shape=self.batch_size)
+        self.action_spec = action_spec.expand(self.num_envs, *action_spec.shape)
+        self.observation_spec = observation_spec.expand(self.num_envs, *observation_spec.shape)
 
-    def _reset(self, tensordict: TensorDictBase | None, **kwargs) -> TensorDictBase:
-        reset = None if tensordict is None else tensordict.get("_reset", None)
-        if reset is None or self._observation is None:
-            observation, _ = self._env.reset()
-            self._observation = torch.as_tensor(observation).clone()
+    def _by_env(self, values: np.ndarray, env_id: np.ndarray, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``values`` in sub-env order (sync mode returns them in order; kept general), as a tensor of its own."""
+        values = torch.tensor(values, dtype=dtype)  # a copy: what envpool returns may be its reused buffer
+        if np.array_equal(env_id, self._in_order):
+            return values
+        out = torch.empty_like(values)
+        out[torch.as_tensor(env_id)] = values
+        return out
+
+    def reset(self, mask: torch.Tensor | None = None, seed: int | None = None) -> torch.Tensor:
+        if mask is None or self._observation is None:
+            observation, info = self._env.reset()
+            self._observation = self._by_env(observation, info["env_id"])
+            self._lives = None
         else:
             # Partial reset: envpool then steps these envs normally (no reset inside the next step).
-            env_ids = torch.nonzero(reset.reshape(-1)).squeeze(-1).numpy()
+            env_ids = torch.nonzero(mask.reshape(-1)).squeeze(-1).numpy()
             if len(env_ids):
                 observation, info = self._env.reset(env_ids)
+                self._observation = self._observation.clone()
                 self._observation[torch.as_tensor(info["env_id"])] = torch.as_tensor(observation)
-        out = self.full_done_spec.zero()
-        out.set("observation", self._observation.clone())
-        if self._report_life_loss:
-            out.set(LIFE_LOST_KEY, torch.zeros(self.batch_size, dtype=torch.bool))
-        return out
+        return self._observation
 
-    def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
-        action = tensordict.get(self.action_key).cpu().numpy()
-        observation, reward, terminated, truncated, info = self._env.step(action)
-        order = torch.as_tensor(info["env_id"])  # sync mode returns envs in order; kept general
-        self._observation = torch.empty_like(self._observation)
-        self._observation[order] = torch.as_tensor(observation)
-        terminated_t = torch.zeros(self.batch_size, dtype=torch.bool)
-        truncated_t = torch.zeros(self.batch_size, dtype=torch.bool)
-        reward_t = torch.zeros(self.batch_size, dtype=torch.float32)
-        terminated_t[order] = torch.as_tensor(terminated, dtype=torch.bool)
-        truncated_t[order] = torch.as_tensor(truncated, dtype=torch.bool)
-        reward_t[order] = torch.as_tensor(reward, dtype=torch.float32)
-        out = TensorDict(
-            {
-                "observation": self._observation.clone(),
-                "reward": reward_t.unsqueeze(-1),
-                "terminated": terminated_t.unsqueeze(-1),
-                "truncated": truncated_t.unsqueeze(-1),
-                "done": (terminated_t | truncated_t).unsqueeze(-1),
-            },
-            batch_size=self.batch_size,
-        )
-        if self._report_life_loss:
-            lives = torch.empty(self.batch_size, dtype=torch.int64)
-            lives[order] = torch.as_tensor(info["lives"], dtype=torch.int64)
+    def step(self, action: torch.Tensor) -> VectorStep:
+        observation, reward, terminated, truncated, info = self._env.step(action.cpu().numpy())
+        env_id = info["env_id"]
+        self._observation = self._by_env(observation, env_id)
+        terminated = self._by_env(terminated, env_id, torch.bool)
+        life_lost = None
+        if self.reports_life_loss:
+            lives = self._by_env(info["lives"], env_id, torch.int64)
             # As envs.atari.LifeLossInfo: a life lost that is not the game over
-            lost = torch.zeros(self.batch_size, dtype=torch.bool) if self._lives is None else lives < self._lives
-            lost &= ~terminated_t
+            life_lost = torch.zeros(self.num_envs, dtype=torch.bool) if self._lives is None else lives < self._lives
+            life_lost &= ~terminated
             self._lives = lives
-            out.set(LIFE_LOST_KEY, lost)
-        return out
+        return VectorStep(self._observation, self._by_env(reward, env_id, torch.float32), terminated,
+                          self._by_env(truncated, env_id, torch.bool), life_lost)
 
-    def _set_seed(self, seed: int | None) -> None:
+    def seed(self, seed: int | None) -> None:
         pass  # envpool seeds at construction (make_envpool_env); env i gets seed + i
 
-    def close(self, *, raise_if_closed: bool = True) -> None:
+    def close(self) -> None:
         self._env.close()
-        super().close(raise_if_closed=raise_if_closed)
 
 
-def make_envpool_env(env_id: str, num_envs: int, seed: int | None = None, **options) -> EnvBase:
-    """``num_envs`` envpool envs stepped by one thread, as one torchrl env of batch size ``[num_envs]``."""
+def make_envpool_env(env_id: str, num_envs: int, seed: int | None = None, **options) -> EnvpoolVector:
+    """``num_envs`` envpool envs stepped by one thread."""
     task_id, kwargs, life_loss = envpool_config(env_id, **options)
     # One thread per actor process: the actors are already processes, one per core.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")  # envpool's Box bounds
         env = import_envpool().make(task_id, env_type="gymnasium", num_envs=num_envs, batch_size=num_envs,
                                     num_threads=1, seed=int(np.uint32(seed or 0)) % (2**31 - num_envs), **kwargs)
-    return EnvpoolEnv(env, report_life_loss=life_loss)
+    return EnvpoolVector(env, report_life_loss=life_loss)

@@ -5,12 +5,12 @@ in this process (``describe_env``) and how to build the batched torchrl env an a
 Evaluation, ``test`` and videos play single gymnasium envs (``make_gym_env``) whatever the backend, since only
 gymnasium renders; the data module checks that a backend describes an env as gymnasium does.
 
-The gymnasium backend steps ``envs_per_actor`` copies of the env in one gymnasium ``SyncVectorEnv``
-(no extra processes) wrapped by torchrl's ``GymWrapper``. Autoreset is *disabled* in gymnasium, so
-torchrl resets finished sub-envs itself: ``("next", "observation")`` is then always the real final
-observation of a step (needed to bootstrap truncated episodes), and no phantom transition appears
-between episodes (the trap of gymnasium 1.x next-step autoreset). Another backend must give the same keys and
-episode boundaries (``envs.envpool`` says how envpool does); ``tests/unit/test_envs.py`` checks each one.
+Each backend's ``make`` gives ``envs_per_actor`` sub-envs (an ``envs.episodes.VectorEnv``), which
+``envs.episodes.EpisodeEnv`` steps, resets and keeps the episode keys of. The gymnasium backend steps them in one
+gymnasium ``SyncVectorEnv`` with autoreset *disabled* (no extra processes; ``envs.gymnasium_vector``), envpool in
+its C++ pool (``envs.envpool``). Both give the same keys and episode boundaries: ``("next", "observation")`` is
+always the real final observation of a step (needed to bootstrap truncated episodes), and no phantom transition
+appears between episodes; ``tests/unit/test_envs.py`` checks each backend.
 """
 
 from __future__ import annotations
@@ -23,17 +23,15 @@ from typing import Literal, NamedTuple
 
 import gymnasium as gym
 import numpy as np
-import torch
 from gymnasium.vector import AutoresetMode, SyncVectorEnv
-from torchrl.data import Categorical
-from torchrl.envs import EnvBase, GymWrapper, InitTracker, RewardSum, StepCounter, TransformedEnv
-from torchrl.envs.libs.gym import default_info_dict_reader
 
 from lit_impala.core.observation_parts import ObservationPart, flat_size
 from lit_impala.envs.atari import is_atari_id, make_atari_env, register_atari_envs
 from lit_impala.envs.dict_observation import PackDictObservation, dict_observation_parts
-from lit_impala.envs.envpool import describe_envpool_env, make_envpool_env
+from lit_impala.envs.envpool import EnvpoolVector, describe_envpool_env, make_envpool_env
+from lit_impala.envs.episodes import EpisodeEnv, VectorEnv
 from lit_impala.envs.finite import FiniteCheck, NonFiniteMode
+from lit_impala.envs.gymnasium_vector import GymnasiumVector
 from lit_impala.envs.wrappers import (
     BooleanImageAsPixels,
     ChannelsFirst,
@@ -41,7 +39,6 @@ from lit_impala.envs.wrappers import (
     ReportErrors,
     SelectObservationKey,
 )
-from lit_impala.schema import EPISODE_RETURN_KEY, LIFE_LOST_KEY
 
 EnvBackend = Literal["gymnasium", "envpool"]  # the names of BACKENDS, as a type the CLI checks and shows
 
@@ -230,45 +227,41 @@ def make_vector_env(
     nonfinite_data: NonFiniteMode = "raise",
     actor: int | None = None,
     **options,
-) -> EnvBase:
-    """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``.
+) -> EpisodeEnv:
+    """``num_envs`` copies of ``env_id`` as one batched torchrl env of batch size ``[num_envs]``
+    (``envs.episodes.EpisodeEnv``).
 
-    First ``envs.finite.FiniteCheck``: a non-finite reward or observation raises or is dropped there
-    (``nonfinite_data``; messages name ``actor``). Then torchrl's ``InitTracker`` (``is_init``: the
-    observation starts an episode, so recurrent actors reset their state), ``RewardSum`` and ``StepCounter``
-    (running episode return and length; at a ``done`` step they hold the finished episode's). With
-    ``error_file``, an exception from the envs, or the check's, leaves its traceback there. ``backend``: a name
-    of ``BACKENDS``.
+    Each step is checked first (``envs.finite.FiniteCheck``): a non-finite reward or observation raises or is
+    dropped there (``nonfinite_data``; messages name ``actor``). Then the keys of torchrl's ``InitTracker``
+    (``is_init``: the observation starts an episode, so recurrent actors reset their state), ``RewardSum`` and
+    ``StepCounter`` (running episode return and length; at a ``done`` step they hold the finished episode's).
+    With ``error_file``, an exception from the envs, or the check's, leaves its traceback there. ``backend``: a
+    name of ``BACKENDS``.
     """
     check = FiniteCheck(env_id, nonfinite_data, actor, error_file)
-    env = _add_episode_transforms(BACKENDS[backend].make(env_id, num_envs, seed, error_file, **options), check)
+    env = EpisodeEnv(BACKENDS[backend].make(env_id, num_envs, seed, error_file, **options), check)
     if seed is not None:
         env.set_seed(seed)  # gymnasium seeds its envs here; envpool seeded them when it made them
     return env
 
 
-def gymnasium_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None, **options) -> EnvBase:
-    """The gymnasium backend's ``make``: a ``SyncVectorEnv`` of ``make_gym_env`` envs behind torchrl's GymWrapper
-    (seeded by ``make_vector_env``)."""
+def gymnasium_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None,
+                         **options) -> GymnasiumVector:
+    """The gymnasium backend's ``make``: a ``SyncVectorEnv`` of ``make_gym_env`` envs, autoreset disabled (seeded
+    by ``make_vector_env``). With Atari's ``terminal_on_life_loss`` the learner treats a lost life as the end of an
+    episode (the game itself goes on, and so does the logged return): ``envs.atari.LifeLossInfo`` puts the flag in
+    the step info."""
     vector_env = SyncVectorEnv(
         [partial(make_gym_env, env_id, check_env=False, **options) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.DISABLED,
     )
     if error_file is not None:
         vector_env = ReportErrors(vector_env, error_file)
-    base_env = GymWrapper(vector_env, categorical_action_encoding=True)
-    if (options.get("atari_options") or {}).get("terminal_on_life_loss"):
-        # The learner treats a lost life as the end of an episode (the game itself goes on, and so
-        # does the logged return): envs.atari.LifeLossInfo puts the flag in the step info.
-        base_env.set_info_dict_reader(
-            default_info_dict_reader(
-                [LIFE_LOST_KEY], spec={LIFE_LOST_KEY: Categorical(2, shape=(num_envs,), dtype=torch.bool)}
-            )
-        )
-    return base_env
+    return GymnasiumVector(vector_env, bool((options.get("atari_options") or {}).get("terminal_on_life_loss")))
 
 
-def envpool_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None, **options) -> EnvBase:
+def envpool_vector_env(env_id: str, num_envs: int, seed: int | None, error_file: str | None,
+                       **options) -> EnvpoolVector:
     """The envpool backend's ``make`` (its C++ errors reach the actor's own error report)."""
     return make_envpool_env(env_id, num_envs, seed, **options)
 
@@ -277,7 +270,7 @@ class Backend(NamedTuple):
     """An env backend: how to read an env's spaces here and how to build the batched env an actor steps."""
 
     spaces: Callable[..., tuple[gym.Space, gym.Space]]  # (env_id, **env options) -> (observation, action) spaces
-    make: Callable[..., EnvBase]  # (env_id, num_envs, seed, error_file, **env options) -> torchrl env [num_envs]
+    make: Callable[..., VectorEnv]  # (env_id, num_envs, seed, error_file, **env options) -> num_envs sub-envs
     install: str  # what to install for it
 
 
@@ -285,14 +278,6 @@ BACKENDS: dict[str, Backend] = {
     "gymnasium": Backend(gymnasium_spaces, gymnasium_vector_env, "gymnasium (always there)"),
     "envpool": Backend(describe_envpool_env, envpool_vector_env, 'pip install -e ".[envpool]"'),
 }
-
-
-def _add_episode_transforms(base_env: EnvBase, check: FiniteCheck) -> TransformedEnv:
-    env = TransformedEnv(base_env, check)  # first: RewardSum never adds a NaN dropped here
-    env.append_transform(InitTracker())
-    env.append_transform(RewardSum(in_keys=["reward"], out_keys=[EPISODE_RETURN_KEY]))
-    env.append_transform(StepCounter())
-    return env
 
 
 def actor_seeds(seed: int, num_actors: int, rank: int = 0) -> list[int]:

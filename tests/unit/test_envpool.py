@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from lit_impala.envs.envpool import envpool_config, import_envpool, make_envpool_env
+from lit_impala.envs.envpool import envpool_config, import_envpool
 from lit_impala.envs.factory import describe_env, make_vector_env
 
 if importlib.util.find_spec("envpool") is None:
@@ -78,7 +78,7 @@ def test_the_same_keys_shapes_and_dtypes_as_the_gymnasium_backend(env_id, tmp_pa
 
 def test_seeds_fix_the_episodes_and_differ_between_actors():
     def lengths(seed):
-        env = make_envpool_env("CartPole-v1", 8, seed=seed)
+        env = make_vector_env("CartPole-v1", 8, seed=seed, backend="envpool")
         torch.manual_seed(0)
         rollout = env.rollout(60, break_when_any_done=False)
         env.close()

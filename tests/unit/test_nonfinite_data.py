@@ -77,7 +77,7 @@ def test_drop_zeroes_the_values_ends_the_episode_and_marks_the_step(env_id, capl
     assert not any(step.get(NONFINITE_KEY).any() for step in taken)
     assert f"actor 0 of env '{env_id}': sub-env 0 returned a non-finite" in caplog.text
     assert "(and 1 more sub-envs at the same step): replaced by 0, the episode ends there" in caplog.text
-    assert env.transform[0].dropped == 2
+    assert env.check.dropped == 2
     env.close()
 
 
@@ -117,8 +117,8 @@ def test_the_envpool_backend_gets_the_same_check():
     pytest.importorskip("envpool")
     # envpool's envs are C++: a NaN is injected between envpool and its torchrl wrapper.
     env = make_vector_env("Pendulum-v1", 2, seed=0, backend="envpool", nonfinite_data="drop", actor=3)
-    assert isinstance(env.transform[0], FiniteCheck)
-    env.base_env._env = _NaNRewardsAt(env.base_env._env, at=5)
+    assert isinstance(env.check, FiniteCheck)
+    env.vector._env = _NaNRewardsAt(env.vector._env, at=5)
     taken = steps(env, 6)
     assert taken[4]["next", NONFINITE_KEY].tolist() == [False, True]
     assert taken[4]["next", "truncated"].squeeze(-1).tolist() == [False, True]
@@ -127,7 +127,7 @@ def test_the_envpool_backend_gets_the_same_check():
     env.close()
 
     env = make_vector_env("Pendulum-v1", 2, seed=0, backend="envpool", actor=3)
-    env.base_env._env = _NaNRewardsAt(env.base_env._env, at=5)
+    env.vector._env = _NaNRewardsAt(env.vector._env, at=5)
     with pytest.raises(NonFiniteEnvData, match="actor 3 of env 'Pendulum-v1': sub-env 1 returned a non-finite reward"):
         steps(env, 5)
     env.close()

@@ -49,13 +49,13 @@ def test_the_collector_calls_them_in_the_order_we_assume():
 
 
 @pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])
-def test_the_envpool_backends_spec_conversion_is_still_gym_wrappers(env_id):
-    """``envs.envpool.gym_wrapper_spec`` wraps torchrl's private space conversion: it must still give the specs
+def test_the_backends_spec_conversion_is_still_gym_wrappers(env_id):
+    """``envs.episodes.gym_wrapper_spec`` wraps torchrl's private space conversion: it must still give the specs
     torchrl's public ``GymWrapper`` gives the same gymnasium env, or the two env backends describe envs differently."""
     import gymnasium as gym
     from torchrl.envs import GymWrapper
 
-    from lit_impala.envs.envpool import gym_wrapper_spec
+    from lit_impala.envs.episodes import gym_wrapper_spec
 
     env = gym.make(env_id)
     try:
