@@ -23,6 +23,7 @@ from lit_impala.actors.local import LocalActors
 from lit_impala.actors.pool import ActorPool, ActorSpec
 from lit_impala.actors.remote_launch import check_launch_settings, make_remote_collector
 from lit_impala.config import NonNegativeInt, PositiveFloat, PositiveInt, check_arguments
+from lit_impala.envs.atari import AtariOptions
 from lit_impala.envs.factory import EnvBackend, action_space_spec, describe_env
 from lit_impala.play import EpisodeSpec, TestEpisode
 from lit_impala.schema import BATCH_KEYS, NONFINITE_KEY, POLICY_VERSION_KEY, REPLAYED_KEY, Trajectory, to_time_major
@@ -261,7 +262,7 @@ class ImpalaDataModule(L.LightningDataModule):
         eval_deterministic: bool = True,
         sync_every: PositiveInt = 1,
         max_policy_lag: NonNegativeInt | None = None,
-        atari_options: dict | None = None,
+        atari_options: AtariOptions | None = None,
         env_backend: EnvBackend = "gymnasium",
         actors: Literal["local", "remote"] = "local",
         remote_launcher: Literal["mp", "submitit", "external"] = "mp",

@@ -9,7 +9,7 @@ extra) and imported only when an Atari env is built.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, TypedDict
 
 import gymnasium as gym
 import numpy as np
@@ -18,6 +18,20 @@ from lit_impala.schema import LIFE_LOST_KEY  # the info entry LifeLossInfo write
 
 ALE_ENTRY_POINT = "ale_py.env:AtariEnv"
 INSTALL_HINT = 'pip install -e ".[atari]"'
+
+
+class AtariOptions(TypedDict, total=False):
+    """``data.atari_options``: any of ``make_atari_env``'s preprocessing options, typed so that the command line
+    checks and converts them (``--data.atari_options.screen_size 84`` is the number 84, ``abc`` an error naming it)
+    before any env or actor process starts."""
+
+    noop_max: int
+    frame_skip: int
+    screen_size: int
+    frame_stack: int
+    terminal_on_life_loss: bool
+    repeat_action_probability: float
+    full_action_space: bool
 
 
 def register_atari_envs(env_id: str) -> None:

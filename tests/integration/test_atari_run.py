@@ -10,6 +10,7 @@ from lit_impala.callbacks import EpisodeStats
 from lit_impala.cli import cli_main  # noqa: E402
 from lit_impala.envs.factory import make_vector_env  # noqa: E402
 from lit_impala.schema import to_time_major  # noqa: E402
+from tests.cli_runner import run_lit_impala  # noqa: E402
 from tests.conftest import REPO  # noqa: E402
 
 
@@ -27,6 +28,22 @@ def test_pong_config_trains_end_to_end_through_the_cli(tmp_path, monkeypatch):
     assert tuple(cli.datamodule.observation_shape) == (4, 84, 84)
     assert module.hparams.encoder == "resnet" and module.hparams.reward_clip == 1.0
     assert cli.datamodule.actors is None  # actors shut down
+
+
+def test_atari_options_from_the_command_line_are_typed(tmp_path):
+    """``--data.atari_options.screen_size 84`` is the number 84 (a string reached envpool's C++ and failed there
+    with a TypeError); a value that is no number is one line naming it, exit 2, before any env is made."""
+    config = str(REPO / "configs" / "atari_cpu.yaml")
+    typed = run_lit_impala(["fit", "--config", config, "--data.atari_options.screen_size", "84", "--print_config"],
+                           tmp_path, timeout_s=120)
+    assert typed.returncode == 0, typed.stderr
+    assert "    screen_size: 84\n" in typed.stdout and "frame_stack: 4" in typed.stdout
+    wrong = run_lit_impala(["fit", "--config", config, "--data.atari_options.screen_size", "big"], tmp_path,
+                           timeout_s=120)
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip().count("\n") == 0 and "data.atari_options" in wrong.stderr
+    assert "Got value: big" in wrong.stderr
+    assert wrong.spawned_actors == 0
 
 
 def random_play(env_id: str, num_envs: int, steps: int, **options):
