@@ -117,16 +117,10 @@ class EpisodeEnv(EnvBase):
     def _reset(self, tensordict: TensorDictBase | None = None, seed: int | None = None, **kwargs) -> TensorDictBase:
         mask = None if tensordict is None else tensordict.get("_reset", None)
         mask = None if mask is None or bool(mask.all()) else mask.reshape(-1)
-        observation = self.vector.reset(mask, seed=seed)
-        out = self._first_steps(observation)
-        if mask is not None and tensordict is not None and EPISODE_RETURN_KEY in tensordict.keys():
-            # Sub-envs not reset go on with their episode.
-            keep = ~mask.reshape(self._column)
-            out.set(EPISODE_RETURN_KEY, torch.where(keep, tensordict.get(EPISODE_RETURN_KEY), 0.0))
-            out.set(EPISODE_LENGTH_KEY, torch.where(keep, tensordict.get(EPISODE_LENGTH_KEY), 0))
-            out.set(IS_INIT_KEY, ~keep)
-        reset = TensorDict({} if mask is None else {"_reset": mask}, batch_size=self.batch_size)
-        return self.check._reset(reset, out)
+        # Every sub-env's first step: torchrl's EnvBase.reset keeps the rows a partial reset (a ``_reset`` mask)
+        # leaves alone.
+        out = self._first_steps(self.vector.reset(mask, seed=seed))
+        return self.check._reset(TensorDict({} if mask is None else {"_reset": mask}, batch_size=self.batch_size), out)
 
     def _step(self, tensordict: TensorDictBase) -> TensorDictBase:
         step = self.vector.step(tensordict.get(self.action_key))
@@ -163,18 +157,23 @@ class EpisodeEnv(EnvBase):
         root.set(self.action_key, tensordict.get(self.action_key))
         done = step.get("done").reshape(-1)
         if bool(done.any()):
-            observation = self.vector.reset(done)
-            column = done.reshape(self._column)
-            root.update(self.check._reset(TensorDict({"_reset": done}, batch_size=self.batch_size),
-                                          TensorDict({OBSERVATION_KEY: observation}, batch_size=self.batch_size)))
-            root.set(IS_INIT_KEY, column)
-            root.set(EPISODE_RETURN_KEY, torch.where(column, 0.0, step.get(EPISODE_RETURN_KEY)))
-            root.set(EPISODE_LENGTH_KEY, torch.where(column, 0, step.get(EPISODE_LENGTH_KEY)))
-            for key in _END_KEYS:
-                root.set(key, step.get(key) & ~column)
-            if self.vector.reports_life_loss:
-                root.set(LIFE_LOST_KEY, step.get(LIFE_LOST_KEY) & ~done)
+            root = self._restart(root, done)
         return tensordict, root
+
+    def _restart(self, root: TensorDictBase, done: torch.Tensor) -> TensorDictBase:
+        """``root`` with the sub-envs ``done [N]`` (bool) selects reset: their first observation (checked),
+        ``is_init`` True, return and length 0, end flags and ``life_lost`` False; the others unchanged."""
+        column = done.reshape(self._column)
+        first = TensorDict({OBSERVATION_KEY: self.vector.reset(done)}, batch_size=self.batch_size)
+        root.update(self.check._reset(TensorDict({"_reset": done}, batch_size=self.batch_size), first))
+        root.set(IS_INIT_KEY, column)
+        root.set(EPISODE_RETURN_KEY, torch.where(column, 0.0, root.get(EPISODE_RETURN_KEY)))
+        root.set(EPISODE_LENGTH_KEY, torch.where(column, 0, root.get(EPISODE_LENGTH_KEY)))
+        for key in _END_KEYS:
+            root.set(key, root.get(key) & ~column)
+        if self.vector.reports_life_loss:
+            root.set(LIFE_LOST_KEY, root.get(LIFE_LOST_KEY) & ~done)
+        return root
 
     def _first_steps(self, observation: torch.Tensor) -> TensorDictBase:
         out = TensorDict(

@@ -105,6 +105,22 @@ def step_both(ours: EnvBase, theirs: EnvBase, steps: int, seed: int = 0) -> int:
     return finished
 
 
+def test_a_partial_reset_asked_for_resets_alike():
+    """``env.reset`` with a ``_reset`` mask (torchrl's way to restart some sub-envs) on a mid-episode root."""
+    ours = make_vector_env("CartPole-v1", 6, seed=4, nonfinite_data="drop")
+    theirs = torchrl_gymnasium_env("CartPole-v1", 6, seed=4)
+    step_both(ours, theirs, 3)  # short of any episode's end: every sub-env is 3 steps in
+    mask = torch.tensor([True, False, True, False, False, True]).reshape(6, 1)
+    action = torch.zeros(6, dtype=torch.int64)
+    _, root_ours = ours.step_and_maybe_reset(ours.reset().set("action", action))
+    _, root_theirs = theirs.step_and_maybe_reset(theirs.reset().set("action", action.clone()))
+    reset_ours = ours.reset(root_ours.clone().set("_reset", mask))
+    reset_theirs = theirs.reset(root_theirs.clone().set("_reset", mask))
+    assert_same(reset_ours.exclude("action"), reset_theirs.exclude("action"), "partial reset")
+    assert reset_ours["is_init"].squeeze(-1).tolist() == mask.squeeze(-1).tolist()
+    assert (reset_ours["step_count"].squeeze(-1) == torch.where(mask.squeeze(-1), 0, 1)).all()
+
+
 def test_the_gymnasium_backend_steps_as_torchrls_gym_wrapper_and_transforms():
     ours = make_vector_env("CartPole-v1", 8, seed=5, nonfinite_data="drop")
     theirs = torchrl_gymnasium_env("CartPole-v1", 8, seed=5)
