@@ -2,11 +2,13 @@
 live in the benchmarks' own output, not in timed tests)."""
 
 import json
+import math
 import re
 
 import pytest
+import torch
 
-from benchmarks import ceiling, collector, fit, learning, vtrace
+from benchmarks import ceiling, collector, fit, learning, reference_ppo, vtrace
 from benchmarks.common import RESULTS_DIR_VARIABLE
 from tests.cli_runner import assert_all_gone, run_lit_impala
 from tests.conftest import REPO
@@ -148,3 +150,52 @@ def test_learning_budgets_count_frames_not_updates(tmp_path):
     # the shipped MuJoCo config: 2048 frames per batch, 10 passes of 8 minibatches
     assert learning.updates_for(1e6, learning.REPO / "configs" / "mujoco.yaml", ()) == 489 * 80
     assert learning.override_config("--data.env_id=Hopper-v5") is None
+
+
+def test_reference_ppo_learns_from_real_frames_and_writes_its_curve(results_in_tmp, tmp_path):
+    """The independent reference learner as typed: two batches of real envpool Pong, a table, a JSON curve."""
+    pytest.importorskip("envpool")
+    run = run_lit_impala(["--agent-steps", "2048"], tmp_path, timeout_s=180, module="benchmarks.reference_ppo")
+    assert run.returncode == 0, run.tail()
+    assert "reference PPO on ALE/Pong-v5, 42x42 frames, seed 0" in run.stdout and "Traceback" not in run.output
+    assert_all_gone(run.descendants)
+    result = read(results_in_tmp, "reference_ppo_pong_42")
+    assert [point["agent_steps"] for point in result["curve"]] == [1024, 2048]
+    assert result["final"] == result["curve"][-1]
+    # The updates moved the policy off its near-uniform start (entropy log 6).
+    assert all(0 < point["entropy"] < math.log(6) for point in result["curve"])
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--screen-size", "20"], "--screen-size 20 is below 36"),
+    (["--agent-steps", "100"], "--agent-steps 100 is less than one batch (8 envs x 128)"),
+])
+def test_reference_ppo_bad_input_is_one_line_and_exit_2(arguments, message, results_in_tmp, tmp_path):
+    run = run_lit_impala(arguments, tmp_path, timeout_s=60, module="benchmarks.reference_ppo")
+    assert run.returncode == 2, run.tail()
+    (line,) = run.stderr.strip().splitlines()
+    assert line.startswith(f"python -m benchmarks.reference_ppo: error: {message}"), run.tail()
+    assert not run.descendants and not results_in_tmp.exists()
+
+
+def test_reference_ppo_advantages_are_gae_by_its_definition():
+    """``gae`` against GAE written from its definition in float64: A_t = sum_k (gamma lambda)^k delta_{t+k}, the sum
+    cut after a terminal step, delta_t = r_t + gamma V_{t+1} (0 after a terminal) - V_t."""
+    torch.manual_seed(0)
+    T, N = 7, 3
+    rewards, values, bootstrap = torch.randn(T, N), torch.randn(T, N), torch.randn(N)
+    terminals = torch.zeros(T, N)
+    terminals[2, 0] = terminals[6, 1] = terminals[0, 2] = terminals[4, 2] = 1.0
+    advantages = reference_ppo.gae(rewards, values, terminals, bootstrap)
+    gamma, lam = reference_ppo.GAMMA, reference_ppo.GAE_LAMBDA
+    r, v, d, b = (x.double().tolist() for x in (rewards, values, terminals, bootstrap))
+    for n in range(N):
+        for t in range(T):
+            expected, weight = 0.0, 1.0
+            for k in range(t, T):
+                next_value = (b[n] if k == T - 1 else v[k + 1][n]) * (1.0 - d[k][n])
+                expected += weight * (r[k][n] + gamma * next_value - v[k][n])
+                if d[k][n]:
+                    break
+                weight *= gamma * lam
+            assert abs(advantages[t, n].item() - expected) < 1e-5, (t, n)
