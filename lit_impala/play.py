@@ -7,6 +7,7 @@ one ``EpisodeSpec``, which the data module provides (``ImpalaDataModule.episode_
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -50,6 +51,10 @@ class PlayedEpisodes(NamedTuple):
     frames: np.ndarray | None  # uint8 [L, H, W, 3]: the first episode, one frame after reset + one per step; or None
 
 
+class EpisodesStopped(Exception):
+    """``play_episodes`` was asked to stop (its ``stop`` event was set) before its episodes were over."""
+
+
 def _frames_to_array(frames: list[np.ndarray]) -> np.ndarray:
     """``L`` frames ``[H, W, 3]`` -> ``[L, H, W, 3]``, freeing the list as it copies: a 500-step
     CartPole episode is ~360 MB of frames, and ``np.stack`` would briefly hold it twice."""
@@ -77,6 +82,7 @@ def play_episodes(
     seed: int = 0,
     record_video: bool = False,
     max_video_frames: int = 1000,
+    stop: threading.Event | None = None,
 ) -> PlayedEpisodes:
     """Play ``num_episodes`` whole episodes (to termination or truncation) with ``network``'s policy.
 
@@ -93,6 +99,7 @@ def play_episodes(
         seed: the env's seed for the first reset.
         record_video: render the first episode: one frame after the reset and one after each step.
         max_video_frames: keep at most this many frames (the episode itself runs to its end).
+        stop: checked before each step; once it is set, ``EpisodesStopped`` is raised (the env is closed).
 
     Returns:
         ``PlayedEpisodes``; ``frames`` is uint8 ``[min(lengths[0] + 1, max_video_frames), H, W, 3]`` when
@@ -121,6 +128,8 @@ def play_episodes(
             core_state = network.initial_state(1, device) if network.use_lstm else None
             episode_return, length, done = 0.0, 0, False
             while not done:
+                if stop is not None and stop.is_set():
+                    raise EpisodesStopped(f"stopped in episode {episode + 1} of {num_episodes}")
                 obs = torch.as_tensor(np.asarray(observation), device=device)[None, None]  # [1, 1, *obs]
                 output = network(obs, core_state, starts_episode if length == 0 else continues_episode)
                 params = output.policy_params[0]  # [1, P]
