@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from lit_impala.callbacks import EvaluationCallback
 from lit_impala.cli import cli_main
 from lit_impala.learner import ImpalaModule
-from lit_impala.play import EpisodeSpec, PlayedEpisodes, play_episodes
+from lit_impala.play import EpisodeSpec, EpisodesStopped, PlayedEpisodes, play_episodes
 from lit_impala.video import write_video
 from lit_impala.wandb_history import read_history
 from tests.conftest import REPO
@@ -51,6 +52,14 @@ def test_cartpole_episodes_return_one_per_step_and_repeat_with_the_seed():
     assert all(1 <= n <= 500 for n in result.lengths)
     assert play_episodes(network, CARTPOLE_EPISODES, num_episodes=3, seed=7) == result  # greedy + same seed
     assert network.training  # the caller's module is left as it was
+
+
+def test_a_set_stop_event_ends_play_at_the_next_step():
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(EpisodesStopped, match="stopped in episode 1 of 3"):
+        play_episodes(agent(), CARTPOLE_EPISODES, num_episodes=3, stop=stop)
+    assert play_episodes(agent(), CARTPOLE_EPISODES, num_episodes=1, stop=threading.Event()).lengths  # unset: plays
 
 
 def test_env_options_reach_the_env():
