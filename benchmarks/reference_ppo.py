@@ -11,8 +11,9 @@ only (CleanRL's episodic life; Pong has none).
     python -m benchmarks.reference_ppo --env-id ALE/Pong-v5 --screen-size 42 --agent-steps 2000000
     python -m benchmarks.reference_ppo --screen-size 84 --agent-steps 1000000      # CleanRL's frames
 
-It prints a line every ~20K agent steps and a table at the end, and writes ``results/reference_ppo_<game>_<size>.json``
-(the curve: agent steps, seconds, mean game score of the last 100 episodes, policy entropy). Settings (CleanRL's
+It prints a line every ~20K agent steps and a table at the end (Ctrl-C ends it there too, exit 130), and writes
+``results/reference_ppo_<game>_<size>.json`` (the curve: agent steps, seconds, mean game score of the last 100
+episodes, policy entropy; ``interrupted``: ended by Ctrl-C). Settings (CleanRL's
 ``ppo_atari_envpool``): 8 envs x 128 steps per batch, 4 epochs x 4 minibatches of single steps, Adam 2.5e-4
 annealed to 0, clip 0.1, GAE lambda 0.95, gamma 0.99, value weight 0.5 with a clipped value loss, entropy 0.01,
 gradient norm 0.5, advantages normalised per minibatch.
@@ -100,7 +101,8 @@ def make_env(args):
     )
 
 
-def train(args) -> list[dict]:
+def train(args) -> tuple[list[dict], bool]:
+    """``(curve, interrupted)``: one point per batch; ``interrupted``: Ctrl-C ended it early."""
     torch.manual_seed(args.seed)
     env = make_env(args)
     network = NatureActorCritic(args.screen_size, int(env.action_space.n))
@@ -114,63 +116,71 @@ def train(args) -> list[dict]:
     lives = info["lives"]
     score, scores, curve = np.zeros(N), [], []
     batches, start = args.agent_steps // (T * N), time.monotonic()
-    for batch in range(batches):
-        for group in optimizer.param_groups:
-            group["lr"] = LR * (1 - batch / batches)
-        for t in range(T):
-            frames[t] = torch.as_tensor(observation)
-            with torch.no_grad():
-                logits, values[t] = network(frames[t])
-            policy = torch.distributions.Categorical(logits=logits)
-            actions[t] = policy.sample()
-            log_probs[t] = policy.log_prob(actions[t])
-            observation, reward, terminated, truncated, info = env.step(actions[t].numpy())
-            rewards[t] = torch.as_tensor(np.sign(reward), dtype=torch.float32)
-            life_lost = info["lives"] < lives
-            lives = info["lives"]
-            terminals[t] = torch.as_tensor(terminated | truncated | life_lost, dtype=torch.float32)
-            score += reward
-            for i in np.flatnonzero(terminated | truncated):
-                scores.append(float(score[i]))
-                score[i] = 0.0
-                # envpool resets a finished env inside its next step, which ignores the action: that step (final
-                # frame -> the next game's first, reward 0) is learnt like any other, as CleanRL's PPO does.
-        with torch.no_grad():
-            _, bootstrap_value = network(torch.as_tensor(observation))
-        advantages = gae(rewards, values, terminals, bootstrap_value)
-        returns = advantages + values
-        flat = [x.flatten(0, 1) for x in (frames, actions, log_probs, advantages, returns, values)]
-        entropies = []
-        for _ in range(EPOCHS):
-            for index in torch.randperm(T * N).chunk(MINIBATCHES):
-                b_frames, b_actions, b_log_probs, b_advantages, b_returns, b_values = (x[index] for x in flat)
-                logits, value = network(b_frames)
+    try:
+        for batch in range(batches):
+            for group in optimizer.param_groups:
+                group["lr"] = LR * (1 - batch / batches)
+            for t in range(T):
+                frames[t] = torch.as_tensor(observation)
+                with torch.no_grad():
+                    logits, values[t] = network(frames[t])
                 policy = torch.distributions.Categorical(logits=logits)
-                ratio = (policy.log_prob(b_actions) - b_log_probs).exp()
-                advantage = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
-                policy_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - CLIP, 1 + CLIP)).mean()
-                clipped_value = b_values + (value - b_values).clamp(-CLIP, CLIP)
-                value_loss = 0.5 * torch.max((value - b_returns) ** 2, (clipped_value - b_returns) ** 2).mean()
-                entropy = policy.entropy().mean()
-                loss = policy_loss + VALUE_WEIGHT * value_loss - ENTROPY_WEIGHT * entropy
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(network.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                entropies.append(entropy.item())
-        point = {"agent_steps": (batch + 1) * T * N, "seconds": round(time.monotonic() - start, 1),
-                 "return_last_100": float(np.mean(scores[-100:])) if scores else None, "episodes": len(scores),
-                 "entropy": round(float(np.mean(entropies)), 4)}
-        curve.append(point)
-        if batch % max(1, 20_000 // (T * N)) == 0 or batch == batches - 1:
-            print(" ".join(f"{key} {value}" for key, value in point.items()), flush=True)
-    env.close()
-    return curve
+                actions[t] = policy.sample()
+                log_probs[t] = policy.log_prob(actions[t])
+                observation, reward, terminated, truncated, info = env.step(actions[t].numpy())
+                rewards[t] = torch.as_tensor(np.sign(reward), dtype=torch.float32)
+                life_lost = info["lives"] < lives
+                lives = info["lives"]
+                terminals[t] = torch.as_tensor(terminated | truncated | life_lost, dtype=torch.float32)
+                score += reward
+                for i in np.flatnonzero(terminated | truncated):
+                    scores.append(float(score[i]))
+                    score[i] = 0.0
+                    # envpool resets a finished env inside its next step, which ignores the action: that step (final
+                    # frame -> the next game's first, reward 0) is learnt like any other, as CleanRL's PPO does.
+            with torch.no_grad():
+                _, bootstrap_value = network(torch.as_tensor(observation))
+            advantages = gae(rewards, values, terminals, bootstrap_value)
+            returns = advantages + values
+            flat = [x.flatten(0, 1) for x in (frames, actions, log_probs, advantages, returns, values)]
+            entropies = []
+            for _ in range(EPOCHS):
+                for index in torch.randperm(T * N).chunk(MINIBATCHES):
+                    b_frames, b_actions, b_log_probs, b_advantages, b_returns, b_values = (x[index] for x in flat)
+                    logits, value = network(b_frames)
+                    policy = torch.distributions.Categorical(logits=logits)
+                    ratio = (policy.log_prob(b_actions) - b_log_probs).exp()
+                    advantage = (b_advantages - b_advantages.mean()) / (b_advantages.std() + 1e-8)
+                    policy_loss = torch.max(-advantage * ratio, -advantage * ratio.clamp(1 - CLIP, 1 + CLIP)).mean()
+                    clipped_value = b_values + (value - b_values).clamp(-CLIP, CLIP)
+                    value_loss = 0.5 * torch.max((value - b_returns) ** 2, (clipped_value - b_returns) ** 2).mean()
+                    entropy = policy.entropy().mean()
+                    loss = policy_loss + VALUE_WEIGHT * value_loss - ENTROPY_WEIGHT * entropy
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(network.parameters(), MAX_GRAD_NORM)
+                    optimizer.step()
+                    entropies.append(entropy.item())
+            point = {"agent_steps": (batch + 1) * T * N, "seconds": round(time.monotonic() - start, 1),
+                     "return_last_100": float(np.mean(scores[-100:])) if scores else None, "episodes": len(scores),
+                     "entropy": round(float(np.mean(entropies)), 4)}
+            curve.append(point)
+            if batch % max(1, 20_000 // (T * N)) == 0 or batch == batches - 1:
+                print(" ".join(f"{key} {value}" for key, value in point.items()), flush=True)
+    except KeyboardInterrupt:  # Ctrl-C: the curve so far is the result (its last point says how far it got)
+        print(f"stopped by Ctrl-C after {len(curve)} of {batches} batches", flush=True)
+        return curve, True
+    finally:
+        env.close()
+    return curve, False
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    curve = train(args)
+    curve, interrupted = train(args)
+    if not curve:
+        print("no batch finished: nothing written", flush=True)
+        return 130
     marks = sorted({min(len(curve), max(1, round(len(curve) * k / 10))) - 1 for k in range(1, 11)})
     print_table(f"reference PPO on {args.env_id}, {args.screen_size}x{args.screen_size} frames, seed {args.seed}",
                 ["agent steps", "seconds", "return (last 100)", "entropy"],
@@ -182,8 +192,8 @@ def main(argv=None) -> int:
                                                                                 sys.argv[1:])]),
                   "settings": {"env_id": args.env_id, "screen_size": args.screen_size, "envs": args.envs,
                                "seed": args.seed, "agent_steps": args.agent_steps},
-                  "final": curve[-1], "curve": curve})
-    return 0
+                  "final": curve[-1], "interrupted": interrupted, "curve": curve})
+    return 130 if interrupted else 0
 
 
 if __name__ == "__main__":

@@ -199,3 +199,16 @@ def test_reference_ppo_advantages_are_gae_by_its_definition():
                     break
                 weight *= gamma * lam
             assert abs(advantages[t, n].item() - expected) < 1e-5, (t, n)
+
+
+def test_reference_ppo_stopped_by_ctrl_c_writes_the_curve_so_far(results_in_tmp, tmp_path):
+    """A long reference run stopped at the end of a sitting keeps what it learnt: Ctrl-C ends it after the batch in
+    progress is dropped, with its table, its JSON (``interrupted``) and exit 130."""
+    pytest.importorskip("envpool")
+    run = run_lit_impala(["--agent-steps", "10000000"], tmp_path, timeout_s=180, module="benchmarks.reference_ppo",
+                         interrupt_after_s=20)
+    assert run.returncode == 130, run.tail()
+    assert re.search(r"stopped by Ctrl-C after [1-9]\d* of 9765 batches", run.stdout), run.tail()
+    assert "Traceback" not in run.output
+    result = read(results_in_tmp, "reference_ppo_pong_42")
+    assert result["interrupted"] and result["curve"][-1]["agent_steps"] == 1024 * len(result["curve"])
