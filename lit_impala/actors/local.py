@@ -141,7 +141,9 @@ class LocalActors:
         self._make_collector = partial(
             MultiSyncCollector if sync_actors else MultiAsyncCollector,
             env_fns,
-            frames_per_batch=spec.frames_per_rollout,
+            # MultiSyncCollector splits its frames_per_batch over the actors (MultiAsyncCollector's is per actor):
+            # each actor's share is still a whole [envs_per_actor, unroll_length] rollout.
+            frames_per_batch=spec.frames_per_rollout * (len(env_fns) if sync_actors else 1),
             total_frames=-1,
             # Weights travel through our mailbox only; see actors/mailbox.py for why.
             weight_sync_schemes={"policy": NoWeightSyncScheme()},

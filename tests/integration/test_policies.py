@@ -146,3 +146,11 @@ def test_shipped_configs_run_end_to_end(tmp_path, monkeypatch, config, overrides
     if cli.model.hparams.normalize_observations:  # its statistics are part of the checkpointed state
         state = cli.model.state_dict()
         assert state["network.normalizer.count"] > 0 and "network.normalizer.mean" in state
+
+
+def test_sync_actors_hand_over_whole_unrolls():
+    """``data.sync_actors``: torchrl's MultiSyncCollector splits its ``frames_per_batch`` over its workers (the async
+    one's is per worker); every actor still hands over ``[envs_per_actor, unroll_length]`` unrolls, not unrolls of
+    ``unroll_length / num_actors`` steps."""
+    _, batches = on_policy_batches("CartPole-v1", {}, num_batches=3, sync_actors=True)
+    assert all(trajectory.observation.shape[:2] == (12, 6) for trajectory in batches)
