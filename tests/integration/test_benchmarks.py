@@ -154,7 +154,7 @@ def test_learning_budgets_count_frames_not_updates(tmp_path):
 
 def test_reference_ppo_learns_from_real_frames_and_writes_its_curve(results_in_tmp, tmp_path):
     """The independent reference learner as typed: two batches of real envpool Pong, a table, a JSON curve."""
-    pytest.importorskip("envpool")
+    pytest.importorskip("envpool", reason="the reference learner runs envpool Atari: pip install -e '.[envpool]'")
     run = run_lit_impala(["--agent-steps", "2048"], tmp_path, timeout_s=180, module="benchmarks.reference_ppo")
     assert run.returncode == 0, run.tail()
     assert "reference PPO on ALE/Pong-v5, 42x42 frames, seed 0" in run.stdout and "Traceback" not in run.output
@@ -204,7 +204,7 @@ def test_reference_ppo_advantages_are_gae_by_its_definition():
 def test_reference_ppo_stopped_by_ctrl_c_writes_the_curve_so_far(results_in_tmp, tmp_path):
     """A long reference run stopped at the end of a sitting keeps what it learnt: Ctrl-C ends it after the batch in
     progress is dropped, with its table, its JSON (``interrupted``) and exit 130."""
-    pytest.importorskip("envpool")
+    pytest.importorskip("envpool", reason="the reference learner runs envpool Atari: pip install -e '.[envpool]'")
     run = run_lit_impala(["--agent-steps", "10000000"], tmp_path, timeout_s=180, module="benchmarks.reference_ppo",
                          interrupt_after_s=20)
     assert run.returncode == 130, run.tail()
