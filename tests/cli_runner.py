@@ -50,6 +50,7 @@ def run_lit_impala(
     interrupt_after_s: float | None = None,
     interrupt_signal: int = signal.SIGINT,
     interrupt_times: int = 1,
+    interrupt_once_printed: str | None = None,
     module: str = "lit_impala",
     watch: Callable[[psutil.Process], None] | None = None,
 ) -> CliRun:
@@ -58,6 +59,8 @@ def run_lit_impala(
 
     ``interrupt_after_s``: send ``interrupt_signal`` to the whole process group (what Ctrl-C in a
     terminal does) once the run is that old and has child processes; ``interrupt_times`` times, 0.5 s apart.
+    ``interrupt_once_printed``: instead of waiting for child processes, wait until its stdout holds this text (a
+    command with no child processes, such as one whose envs are threads, is interrupted when it has done something).
     ``watch``: called with the command's process every 50 ms while it runs (to look at it from outside).
     """
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(cwd), **(env or {})}
@@ -92,8 +95,10 @@ def run_lit_impala(
             if watch is not None:
                 watch(parent)
             elapsed = time.monotonic() - start
-            if (interrupt_after_s is not None and interrupts_sent < interrupt_times and descendants
-                    and elapsed > interrupt_after_s + 0.5 * interrupts_sent):
+            if (interrupt_after_s is not None and interrupts_sent < interrupt_times
+                    and elapsed > interrupt_after_s + 0.5 * interrupts_sent
+                    and (interrupt_once_printed in out_path.read_text() if interrupt_once_printed is not None
+                         else descendants)):
                 os.killpg(process.pid, interrupt_signal)
                 interrupts_sent += 1
                 interrupted_at = interrupted_at or time.monotonic()
