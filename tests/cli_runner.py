@@ -76,6 +76,7 @@ def run_lit_impala(
         parent = psutil.Process(process.pid)
         descendants: dict[int, str] = {}
         parents: dict[int, int] = {}
+        sightings: dict[int, int] = {}  # polls at which a process showed the fork server's command line
         interrupted_at = None
         interrupts_sent = 0
         while process.poll() is None:
@@ -90,6 +91,8 @@ def run_lit_impala(
                     else:
                         if command or child.pid not in descendants:  # a zombie's command line reads empty: kept
                             descendants[child.pid], parents[child.pid] = command, ppid
+                        if FORK_SERVER in command:
+                            sightings[child.pid] = sightings.get(child.pid, 0) + 1
             except psutil.Error:
                 pass
             if watch is not None:
@@ -116,7 +119,10 @@ def run_lit_impala(
         wall_s=wall_s,
         descendants=set(descendants),
         descendant_commands=dict(descendants),
-        spawned_actors=sum("spawn_main" in cmdline or (FORK_SERVER in cmdline
+        # A fork of the server seen once only is not counted: a program the server runs while it imports (glfw's
+        # version check, `python -c ...`, under torchrl.envs -> mujoco) shows the server's command line between its
+        # fork and its exec, and can end before the next poll reads its own. An actor lives for many polls.
+        spawned_actors=sum("spawn_main" in cmdline or (FORK_SERVER in cmdline and sightings.get(pid, 0) > 1
                                                         and parents.get(pid) in _fork_servers(descendants, parents))
                            for pid, cmdline in descendants.items()),
         interrupted_after_s=None if interrupted_at is None else time.monotonic() - interrupted_at,
