@@ -22,6 +22,7 @@ gradient norm 0.5, advantages normalised per minibatch.
 from __future__ import annotations
 
 import math
+import signal
 import sys
 import time
 
@@ -101,8 +102,26 @@ def make_env(args):
     )
 
 
+class CtrlC:
+    """The first Ctrl-C is a request the loop reads between env steps (``requested``); a second one interrupts at
+    once (``KeyboardInterrupt``). Why not the default ``KeyboardInterrupt`` at the first: raised at any bytecode, it
+    can land between envpool's ``send`` and ``recv`` inside ``step``, and a run under load once hung there."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
 def train(args) -> tuple[list[dict], bool]:
-    """``(curve, interrupted)``: one point per batch; ``interrupted``: Ctrl-C ended it early."""
+    """``(curve, interrupted)``: one point per batch; ``interrupted``: Ctrl-C ended it early (the batch in progress
+    is dropped)."""
     torch.manual_seed(args.seed)
     env = make_env(args)
     network = NatureActorCritic(args.screen_size, int(env.action_space.n))
@@ -116,11 +135,14 @@ def train(args) -> tuple[list[dict], bool]:
     lives = info["lives"]
     score, scores, curve = np.zeros(N), [], []
     batches, start = args.agent_steps // (T * N), time.monotonic()
+    ctrl_c = CtrlC()
     try:
         for batch in range(batches):
             for group in optimizer.param_groups:
                 group["lr"] = LR * (1 - batch / batches)
             for t in range(T):
+                if ctrl_c.requested:
+                    raise KeyboardInterrupt
                 frames[t] = torch.as_tensor(observation)
                 with torch.no_grad():
                     logits, values[t] = network(frames[t])
@@ -171,6 +193,7 @@ def train(args) -> tuple[list[dict], bool]:
         print(f"stopped by Ctrl-C after {len(curve)} of {batches} batches", flush=True)
         return curve, True
     finally:
+        ctrl_c.restore()
         env.close()
     return curve, False
 

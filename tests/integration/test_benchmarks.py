@@ -206,7 +206,7 @@ def test_reference_ppo_stopped_by_ctrl_c_writes_the_curve_so_far(results_in_tmp,
     progress is dropped, with its table, its JSON (``interrupted``) and exit 130."""
     pytest.importorskip("envpool", reason="the reference learner runs envpool Atari: pip install -e '.[envpool]'")
     # Its envs are envpool threads, so there is no child process to wait for: Ctrl-C comes after its first batch.
-    run = run_lit_impala(["--agent-steps", "10000000"], tmp_path, timeout_s=180, module="benchmarks.reference_ppo",
+    run = run_lit_impala(["--agent-steps", "10000000"], tmp_path, timeout_s=90, module="benchmarks.reference_ppo",
                          interrupt_after_s=0, interrupt_once_printed="agent_steps 1024 ")
     assert run.returncode == 130, run.tail()
     assert re.search(r"stopped by Ctrl-C after [1-9]\d* of 9765 batches", run.stdout), run.tail()
