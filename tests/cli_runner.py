@@ -3,10 +3,14 @@ code and every descendant process it ever had (to check that none is left)."""
 
 from __future__ import annotations
 
+import atexit
+import itertools
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +37,7 @@ class CliRun:
     # or forked by the command's fork server (lit_impala.actors.preloaded_start)
     interrupted_after_s: float | None = None  # time from the signal to the exit
     args: list[str] = field(default_factory=list)  # what was typed after `python -m <module>`
+    preloaded: bool = False  # forked from tests/preloaded_lit_impala, not started afresh
 
     @property
     def output(self) -> str:
@@ -53,6 +58,7 @@ def run_lit_impala(
     interrupt_once_printed: str | None = None,
     module: str = "lit_impala",
     watch: Callable[[psutil.Process], None] | None = None,
+    fresh: bool = False,
 ) -> CliRun:
     """Run ``python -m lit_impala *args`` in ``cwd``; SIGKILL its process group and fail after ``timeout_s``.
     ``module``: another command of the project run the same way (``benchmarks.learning``).
@@ -62,6 +68,11 @@ def run_lit_impala(
     ``interrupt_once_printed``: instead of waiting for child processes, wait until its stdout holds this text (a
     command with no child processes, such as one whose envs are threads, is interrupted when it has done something).
     ``watch``: called with the command's process every 50 ms while it runs (to look at it from outside).
+
+    Where: a ``fit`` command with no per-run environment, signal or watcher is forked from a server that has done
+    its imports (``tests/preloaded_lit_impala``: ~3 s less per command; its output, exit code and processes are a
+    fresh command's). ``fresh`` (a test about the start-up: its imports, its phases, Ctrl-C during it) or
+    ``LIT_IMPALA_TESTS_FRESH=1`` in the environment (the whole suite the user's way): ``python -m`` afresh.
     """
     environment = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_DIR": str(cwd), **(env or {})}
     environment.pop("COLUMNS", None)
@@ -71,9 +82,16 @@ def run_lit_impala(
     out_path, err_path = Path(cwd) / ".cli_stdout", Path(cwd) / ".cli_stderr"
     with open(out_path, "w") as out, open(err_path, "w") as err:
         start = time.monotonic()
-        process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
-        parent = psutil.Process(process.pid)
+        preloaded = not fresh and _preloadable(module, args, env, interrupt_after_s, watch)
+        if preloaded:
+            process = PRELOADED.start(args, cwd, environment, out_path, err_path)
+        else:
+            process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, stdout=out, stderr=err,
+                                       stdin=subprocess.DEVNULL, env=environment, start_new_session=True)
+        try:
+            parent = psutil.Process(process.pid)
+        except psutil.NoSuchProcess:  # a preloaded fork that ended (and was reaped) already
+            parent = None
         descendants: dict[int, str] = {}
         parents: dict[int, int] = {}
         sightings: dict[int, int] = {}  # polls at which a process showed the fork server's command line
@@ -81,7 +99,7 @@ def run_lit_impala(
         interrupts_sent = 0
         while process.poll() is None:
             try:
-                for child in parent.children(recursive=True):
+                for child in parent.children(recursive=True) if parent is not None else []:
                     # Read again at every poll: a process caught mid-start (a fork of the fork server before it runs
                     # another program, or one whose /proc entry is not readable yet) shows what it is a poll later.
                     try:
@@ -95,18 +113,18 @@ def run_lit_impala(
                             sightings[child.pid] = sightings.get(child.pid, 0) + 1
             except psutil.Error:
                 pass
-            if watch is not None:
+            if watch is not None and parent is not None:
                 watch(parent)
             elapsed = time.monotonic() - start
             if (interrupt_after_s is not None and interrupts_sent < interrupt_times
                     and elapsed > interrupt_after_s + 0.5 * interrupts_sent
                     and (interrupt_once_printed in out_path.read_text() if interrupt_once_printed is not None
                          else descendants)):
-                os.killpg(process.pid, interrupt_signal)
+                _killpg(process.pid, interrupt_signal)
                 interrupts_sent += 1
                 interrupted_at = interrupted_at or time.monotonic()
             if elapsed > timeout_s:
-                os.killpg(process.pid, signal.SIGKILL)
+                _killpg(process.pid, signal.SIGKILL)
                 process.wait()
                 pytest.fail(f"`{module} {' '.join(args)}` did not finish in {timeout_s} s:\n"
                             f"{out_path.read_text()[-3000:]}\n{err_path.read_text()[-3000:]}")
@@ -127,7 +145,105 @@ def run_lit_impala(
                            for pid, cmdline in descendants.items()),
         interrupted_after_s=None if interrupted_at is None else time.monotonic() - interrupted_at,
         args=list(args),
+        preloaded=preloaded,
     )
+
+
+FRESH_ENV = "LIT_IMPALA_TESTS_FRESH"
+
+
+def _preloadable(module: str, args: list[str], env: dict | None, interrupt_after_s: float | None, watch) -> bool:
+    """A ``fit`` of ``lit_impala`` whose environment is the test process's (a variable read while importing would
+    be the server's) and that no test signals or watches while it starts (the start-up is then the subject); with
+    the fork server ``fit`` starts (tests/conftest.py sets the same start method for the test process)."""
+    return (module == "lit_impala" and args[:1] == ["fit"] and not env and interrupt_after_s is None and watch is None
+            and not os.environ.get(FRESH_ENV) and os.environ.get("MP_START_METHOD", "forkserver") == "forkserver")
+
+
+def _killpg(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:  # the group ended between the poll and this
+        pass
+
+
+class PreloadedLitImpala:
+    """The test side of ``tests/preloaded_lit_impala``: one server process, started at the first ``start``; each
+    ``start`` is a forked copy that runs ``python -m lit_impala <args>``, returned as a ``Popen``-like handle."""
+
+    def __init__(self):
+        self._server: subprocess.Popen | None = None
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._changed = threading.Condition()
+        self._started: dict[str, int] = {}
+        self._ended: dict[int, int] = {}
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> ForkedCommand:
+        request_id = str(next(self._ids))
+        request = {"id": request_id, "args": list(args), "cwd": str(cwd), "env": env, "stdout": str(stdout),
+                   "stderr": str(stderr)}
+        with self._lock:
+            if self._server is None:
+                self._server = subprocess.Popen(
+                    [sys.executable, "-m", "tests.preloaded_lit_impala"], cwd=REPO, stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+                threading.Thread(target=self._read, daemon=True).start()
+            self._server.stdin.write((json.dumps(request) + "\n").encode())
+            self._server.stdin.flush()
+        with self._changed:
+            if not self._changed.wait_for(lambda: request_id in self._started or self._server.poll() is not None,
+                                          timeout=120):
+                raise RuntimeError("the preloaded lit_impala server did not fork a command in 120 s")
+            if request_id not in self._started:
+                raise RuntimeError(f"the preloaded lit_impala server ended (exit {self._server.returncode})")
+            return ForkedCommand(self._started[request_id], self)
+
+    def _read(self) -> None:
+        for line in self._server.stdout:
+            what, first, second = line.decode().split()
+            with self._changed:
+                if what == "started":
+                    self._started[first] = int(second)
+                else:
+                    self._ended[int(first)] = int(second)
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def returncode(self, pid: int, timeout: float | None = 0.0) -> int | None:
+        with self._changed:
+            self._changed.wait_for(lambda: pid in self._ended or self._server.poll() is not None, timeout=timeout)
+            return self._ended.get(pid)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.stdin.close()
+            self._server.wait(timeout=30)
+
+
+PRELOADED = PreloadedLitImpala()  # started by the first command forked from it; ends with the test process
+atexit.register(PRELOADED.close)
+
+
+@dataclass
+class ForkedCommand:
+    """What ``run_lit_impala`` needs of a ``Popen``: the pid, ``poll`` and ``wait``."""
+
+    pid: int
+    server: PreloadedLitImpala
+    returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self.server.returncode(self.pid)
+        return self.returncode
+
+    def wait(self) -> int:
+        self.returncode = self.server.returncode(self.pid, timeout=None)
+        if self.returncode is None:
+            raise RuntimeError(f"the preloaded lit_impala server ended before command {self.pid}")
+        return self.returncode
 
 
 def _fork_servers(commands: dict[int, str], parents: dict[int, int]) -> set[int]:

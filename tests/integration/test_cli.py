@@ -15,7 +15,7 @@ import yaml
 from lit_impala.callbacks import EpisodeStats
 from lit_impala.cli import FULL_ERROR_ENV, ConfigError, cli_main
 from lit_impala.wandb_history import read_history
-from tests.cli_runner import FORK_SERVER, run_lit_impala
+from tests.cli_runner import FORK_SERVER, FRESH_ENV, run_lit_impala
 from tests.conftest import REPO
 
 CONFIG = str(REPO / "configs" / "cartpole.yaml")
@@ -75,10 +75,12 @@ PHASES = ("imports", "set-up", "first rollout", "first update", "target reached"
 
 def test_fit_ends_with_the_seconds_of_each_phase(tmp_path):
     """The shipped CartPole config as typed, to a low target: the last line says when each phase ended, from process
-    start, in order and within the wall time measured outside; its 2 actors are forks of the preloaded server."""
+    start, in order and within the wall time measured outside; its 2 actors are forks of the preloaded server. Started
+    afresh, as typed: no warning, from its imports or later."""
     run = run_lit_impala(["fit", "--config", CONFIG, "--trainer.enable_progress_bar=false",
-                          "--episode_stats.stop_at_return=25", "--trainer.max_steps=300"], tmp_path)
+                          "--episode_stats.stop_at_return=25", "--trainer.max_steps=300"], tmp_path, fresh=True)
     assert run.returncode == 0, run.tail()
+    assert not re.search(r"\.py:\d+: ", run.output), run.tail()  # Python's and Lightning's warnings: "path.py:line: "
     line = next((line for line in run.stdout.splitlines() if line.startswith("Seconds from process start: ")), None)
     assert line is not None, run.tail()
     found = re.findall(r"([a-z -]+) (\d+\.\d)(?:,|$)", line.removeprefix("Seconds from process start: "))
@@ -248,19 +250,30 @@ def resolve(override: str, directory) -> list[str]:
     return override.split(" ")
 
 
+AS_TYPED = 4  # the first bad inputs start `python -m lit_impala` afresh; the rest are forked with the imports done
+SAME_BOTH_WAYS = "--model.lr=-1"  # one of those four, run both ways
+
+
 @pytest.fixture(scope="module")
 def bad_input_runs(tmp_path_factory):
-    """Every bad input typed at the real CLI, two subprocesses at a time (each is ~5 s of imports)."""
+    """Every bad input typed at the real CLI, two at a time. The issue's four start ``python -m lit_impala`` as a
+    user does (~5 s of imports each); the others are the same command forked from a server that has imported it
+    (``tests/preloaded_lit_impala``: what they test comes after the imports), and ``SAME_BOTH_WAYS`` runs both ways
+    (``test_a_preloaded_command_prints_what_a_fresh_one_prints``)."""
     directories = {override: tmp_path_factory.mktemp("bad") for override, _ in BAD_INPUTS}
+    directories["preloaded"] = tmp_path_factory.mktemp("bad")
     commands = {override: ["fit", "--config", CONFIG, *TINY, *resolve(override, directories[override])]
                 for override, _ in BAD_INPUTS}
+    commands["preloaded"] = commands[SAME_BOTH_WAYS]
+    fresh = {override for override, _ in BAD_INPUTS[:AS_TYPED]}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {override: pool.submit(run_lit_impala, commands[override], directories[override], 120.0)
+        futures = {override: pool.submit(run_lit_impala, commands[override], directories[override], 120.0,
+                                          fresh=override in fresh)
                    for override in commands}
         return {override: future.result() for override, future in futures.items()}
 
 
-@pytest.mark.slow  # the table: 27 subprocesses of ~5 s, two at a time
+@pytest.mark.slow  # the table: 4 commands of ~5 s and 37 forked ones of ~1 s, two at a time
 @pytest.mark.parametrize("override, message", BAD_INPUTS, ids=[o for o, _ in BAD_INPUTS])
 def test_bad_input_is_one_line_and_exit_2_before_actors_start(bad_input_runs, override, message):
     run = bad_input_runs[override]
@@ -287,6 +300,17 @@ def test_a_hostile_checkpoint_runs_no_code(bad_input_runs):
 
 def test_the_bad_input_table_is_large():
     assert len(BAD_INPUTS) >= 20
+
+
+def test_a_preloaded_command_prints_what_a_fresh_one_prints(bad_input_runs):
+    """The forked copies stand for ``python -m lit_impala``: the same input gives the same output and exit code both
+    ways."""
+    fresh, forked = bad_input_runs[SAME_BOTH_WAYS], bad_input_runs["preloaded"]
+    assert SAME_BOTH_WAYS in [override for override, _ in BAD_INPUTS[:AS_TYPED]]
+    assert not fresh.preloaded and forked.preloaded != bool(os.environ.get(FRESH_ENV))
+    assert forked.args == fresh.args
+    assert (forked.returncode, forked.stdout, forked.stderr) == (fresh.returncode, fresh.stdout, fresh.stderr)
+    assert forked.spawned_actors == fresh.spawned_actors == 0
 
 
 def test_full_error_shows_the_traceback_for_debugging(tmp_path):

@@ -272,12 +272,12 @@ def test_the_test_command_prints_each_episode_and_records_the_first_ones(tmp_pat
 def test_the_end_of_training_stops_an_evaluation_of_earlier_weights(tmp_path):
     """As typed: an evaluation still running when training ends is stopped unfinished with one line, not waited
     for; the final weights are evaluated and logged, and the process exits 0 with nothing left running. An
-    evaluation of 3000 episodes (an untrained CartPole policy: ~10-50 steps each, seconds of play) started at step 10
+    evaluation of 1000 episodes (an untrained CartPole policy: ~10-50 steps each, seconds of play) started at step 10
     is still running two updates later, at the end."""
     from tests.cli_runner import assert_all_gone, run_lit_impala
 
     callbacks = [{"class_path": "lit_impala.callbacks.EvaluationCallback",
-                  "init_args": {"every_n_steps": 10, "num_episodes": 3000, "record_video": False}}]
+                  "init_args": {"every_n_steps": 10, "num_episodes": 1000, "record_video": False}}]
     run = run_lit_impala(["fit", "--config", CONFIG, "--trainer.max_steps=12", "--trainer.enable_checkpointing=false",
                           "--trainer.enable_progress_bar=false", "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
                           f"--trainer.logger.save_dir={tmp_path}", f"--trainer.callbacks={json.dumps(callbacks)}",
@@ -289,4 +289,4 @@ def test_the_end_of_training_stops_an_evaluation_of_earlier_weights(tmp_path):
     assert_all_gone(run.descendants)
     with open(tmp_path / "lightning_logs" / "version_0" / "metrics.csv") as file:
         rows = [row for row in csv.DictReader(file) if row["eval/return_mean"]]
-    assert [(int(row["step"]), float(row["eval/episodes"])) for row in rows] == [(12, 3000.0)]
+    assert [(int(row["step"]), float(row["eval/episodes"])) for row in rows] == [(12, 1000.0)]

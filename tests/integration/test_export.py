@@ -5,6 +5,7 @@ ONNX) torch; a bad input is one ``error:`` line, exit code 2, and nothing writte
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gymnasium as gym
@@ -152,15 +153,18 @@ BAD_INPUTS = {  # name -> (arguments after --ckpt_path, what the one line says);
 
 @pytest.fixture(scope="module")
 def bad_input_runs(checkpoint, tmp_path_factory) -> dict:
-    runs = {}
+    """Each bad input typed, two commands at a time (each is ~5 s of imports on one core)."""
+    commands = {}
     for name, (args, _) in BAD_INPUTS.items():
         directory = tmp_path_factory.mktemp(name)
         (directory / "torn.ckpt").write_bytes(b"PK\x03\x04 half a checkpoint")
         if name == "unsafe_checkpoint":
             unsafe_checkpoint(directory)  # hostile.ckpt, whose unpickling would create code_ran
-        typed = [str(checkpoint) if arg == "CKPT" else arg for arg in args]
-        runs[name] = (directory, run_lit_impala(["--ckpt_path", *typed], directory, timeout_s=120.0, module=EXPORT))
-    return runs
+        commands[name] = (directory, ["--ckpt_path", *[str(checkpoint) if arg == "CKPT" else arg for arg in args]])
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run_lit_impala, typed, directory, 120.0, module=EXPORT)
+                   for name, (directory, typed) in commands.items()}
+        return {name: (commands[name][0], future.result()) for name, future in futures.items()}
 
 
 def _assert_one_line_and_nothing_written(run, directory: Path, message: str) -> None:

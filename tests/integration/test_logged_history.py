@@ -88,7 +88,7 @@ def test_no_return_before_an_episode_ends_and_the_last_update_is_logged(tmp_path
 @pytest.mark.slow
 def test_a_cartpole_run_written_to_a_file_leaves_a_small_log_that_shows_progress(tmp_path):
     """`python -m lit_impala fit --config configs/cartpole.yaml > log.txt 2>&1`: the shipped run, as shipped."""
-    run = run_lit_impala(["fit", "--config", CARTPOLE], tmp_path, timeout_s=600)
+    run = run_lit_impala(["fit", "--config", CARTPOLE], tmp_path, timeout_s=600, fresh=True)
     assert run.returncode == 0, run.tail()
     log = run.output
     assert len(log.encode()) <= 10_000, f"{len(log.encode())} bytes:\n{log[:3000]}"
