@@ -176,8 +176,8 @@ class PreloadedLitImpala:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._changed = threading.Condition()
-        self._started: dict[str, int] = {}
-        self._ended: dict[int, int] = {}
+        self._started: dict[str, int] = {}  # request id -> pid
+        self._ended: dict[str, int] = {}  # request id -> return code
 
     def start(self, args: list[str], cwd: Path, env: dict[str, str], stdout: Path, stderr: Path) -> ForkedCommand:
         request_id = str(next(self._ids))
@@ -197,7 +197,7 @@ class PreloadedLitImpala:
                 raise RuntimeError("the preloaded lit_impala server did not fork a command in 120 s")
             if request_id not in self._started:
                 raise RuntimeError(f"the preloaded lit_impala server ended (exit {self._server.returncode})")
-            return ForkedCommand(self._started[request_id], self)
+            return ForkedCommand(self._started[request_id], request_id, self)
 
     def _read(self) -> None:
         for line in self._server.stdout:
@@ -206,15 +206,16 @@ class PreloadedLitImpala:
                 if what == "started":
                     self._started[first] = int(second)
                 else:
-                    self._ended[int(first)] = int(second)
+                    self._ended[first] = int(second)
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
 
-    def returncode(self, pid: int, timeout: float | None = 0.0) -> int | None:
+    def returncode(self, request_id: str, timeout: float | None = 0.0) -> int | None:
         with self._changed:
-            self._changed.wait_for(lambda: pid in self._ended or self._server.poll() is not None, timeout=timeout)
-            return self._ended.get(pid)
+            self._changed.wait_for(lambda: request_id in self._ended or self._server.poll() is not None,
+                                   timeout=timeout)
+            return self._ended.get(request_id)
 
     def close(self) -> None:
         if self._server is not None:
@@ -231,16 +232,17 @@ class ForkedCommand:
     """What ``run_lit_impala`` needs of a ``Popen``: the pid, ``poll`` and ``wait``."""
 
     pid: int
+    request_id: str
     server: PreloadedLitImpala
     returncode: int | None = None
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.server.returncode(self.pid)
+            self.returncode = self.server.returncode(self.request_id)
         return self.returncode
 
     def wait(self) -> int:
-        self.returncode = self.server.returncode(self.pid, timeout=None)
+        self.returncode = self.server.returncode(self.request_id, timeout=None)
         if self.returncode is None:
             raise RuntimeError(f"the preloaded lit_impala server ended before command {self.pid}")
         return self.returncode

@@ -11,7 +11,7 @@ actors needs the start method set before torchrl is imported, as ``__main__`` se
 copies start is their own, as a real run's is.
 
 Protocol, one JSON or text line each way: a request ``{"id", "args", "cwd", "env", "stdout", "stderr"}`` on stdin;
-``started <id> <pid>`` once the copy runs and ``ended <pid> <returncode>`` (``subprocess``'s: minus the signal's
+``started <id> <pid>`` once the copy runs and ``ended <id> <returncode>`` (``subprocess``'s: minus the signal's
 number for one that killed it) on stdout. End of stdin: the server ends.
 """
 
@@ -63,8 +63,7 @@ def serve() -> dict:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 break
-            children.pop(pid, None)
-            _reply(f"ended {pid} {os.waitstatus_to_exitcode(status)}")
+            _reply(f"ended {children.pop(pid)} {os.waitstatus_to_exitcode(status)}")
 
 
 def become(request: dict) -> None:
