@@ -104,8 +104,10 @@ def make_env(args):
 
 class CtrlC:
     """The first Ctrl-C is a request the loop reads between env steps (``requested``); a second one interrupts at
-    once (``KeyboardInterrupt``). Why not the default ``KeyboardInterrupt`` at the first: raised at any bytecode, it
-    can land between envpool's ``send`` and ``recv`` inside ``step``, and a run under load once hung there."""
+    once (``KeyboardInterrupt``). Why a handler of our own: a command started by a parent that ignores SIGINT (a
+    background job of a script, ``nohup ... &``: the test suite run that way) inherits the ignore, and Python then
+    installs no ``KeyboardInterrupt`` at all; a run stopped with SIGINT there went on training. The first request
+    also ends the run between env steps, not inside one."""
 
     def __init__(self):
         self.requested = False
