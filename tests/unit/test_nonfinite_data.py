@@ -114,7 +114,7 @@ class _NaNRewardsAt:
 
 
 def test_the_envpool_backend_gets_the_same_check():
-    pytest.importorskip("envpool")
+    pytest.importorskip("envpool", reason="the envpool backend is an extra: pip install -e '.[envpool]'")
     # envpool's envs are C++: a NaN is injected between envpool and its torchrl wrapper.
     env = make_vector_env("Pendulum-v1", 2, seed=0, backend="envpool", nonfinite_data="drop", actor=3)
     assert isinstance(env.check, FiniteCheck)
